@@ -1,0 +1,64 @@
+"""Cross-attention maps of the slot token.
+
+Method step 4: the drift compares where each model's image attends to the slot word. For every
+cross-attention layer at the highest resolution, the probe computes attention probabilities
+explicitly, keeps the slot token's map for the conditional rows, and returns the attention
+output so the model's forward pass continues unchanged. Other layers are left to the host.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Softmax attention (B, heads, Q, T) from projected queries (B, Q, inner) and keys (B, T, inner)."""
+    b, nq, inner = q.shape
+    dh = inner // heads
+    qh = q.reshape(b, nq, heads, dh).transpose(1, 2).float()  # (B, heads, Q, dh)
+    kh = k.reshape(b, k.shape[1], heads, dh).transpose(1, 2).float()  # (B, heads, T, dh)
+    return torch.softmax(qh @ kh.transpose(-1, -2) * dh**-0.5, dim=-1)  # (B, heads, Q, T)
+
+
+def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention output (B, Q, inner) from probabilities (B, heads, Q, T) and values (B, T, inner)."""
+    b, heads, nq, t = probs.shape
+    dh = v.shape[-1] // heads
+    vh = v.reshape(b, t, heads, dh).transpose(1, 2)  # (B, heads, T, dh)
+    out = probs.to(vh.dtype) @ vh  # (B, heads, Q, dh)
+    return out.transpose(1, 2).reshape(b, nq, heads * dh)  # (B, Q, inner)
+
+
+def slot_map(probs: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    """The slot word's attention map (B, Q): summed over its tokens, averaged over heads."""
+    per_head = torch.einsum("bhqt,bt->bhq", probs, slot_mask.to(probs.dtype))  # (B, heads, Q)
+    return per_head.mean(dim=1)
+
+
+class SlotAttentionProbe:
+    """Callable handed to a denoiser: `probe(q, k, v, heads)` returns the attention output for
+    layers it records (query length == the latent's full resolution) and None for the others.
+
+    Only the first `slot_mask.shape[0]` batch rows (the conditional branch) are recorded.
+    """
+
+    def __init__(self, slot_mask: torch.Tensor, full_resolution: int):
+        self.slot_mask = slot_mask  # (Bc, T)
+        self.full_resolution = full_resolution
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor | None:
+        if q.shape[1] != self.full_resolution:
+            return None
+        probs = attention_probabilities(q, k, heads)
+        rows = self.slot_mask.shape[0]
+        self.maps.append(slot_map(probs[:rows], self.slot_mask.to(probs.device)))
+        return attend(probs, v).to(q.dtype)
+
+    def stacked(self) -> torch.Tensor:
+        """Recorded maps (Bc, L, Q) over the L recorded layers."""
+        if not self.maps:
+            raise RuntimeError(
+                "no cross-attention layer was observed at the latent's full resolution; "
+                "this model family is not supported by the 'attention' objective"
+            )
+        return torch.stack(self.maps, dim=1)

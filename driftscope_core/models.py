@@ -1,0 +1,102 @@
+"""The two model sides as the core sees them, and what running them costs.
+
+The core never touches the host's model objects: each side is a text encoder (plain torch, see
+text_encoder.py) and a denoiser callable `(x, sigma, context, attention_probe) -> x0`. Every
+call goes through a ModelSide so that model evaluations are counted the same way everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .prompts import TokenLayout
+from .text_encoder import ClipTextEncoder
+
+
+class Denoiser(Protocol):
+    def __call__(
+        self,
+        x: torch.Tensor,  # (B, C, h, w) noisy latents
+        sigma: torch.Tensor,  # (B,)
+        context: torch.Tensor,  # (B, T, D) text conditioning
+        attention_probe: Callable | None,  # see attention.SlotAttentionProbe
+    ) -> torch.Tensor:  # (B, C, h, w) x0 prediction
+        ...
+
+
+@dataclass
+class EvaluationCounts:
+    """Machine-independent cost: one UNet evaluation is one latent at one step (a guided step
+    costs two); one text evaluation is one prompt through the text encoder."""
+
+    unet_forward: int = 0
+    unet_backward: int = 0
+    text_forward: int = 0
+    text_backward: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the models run. Autocast applies to model passes only; the soft prompt,
+    its optimizer and every loss stay float32."""
+
+    device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None
+    micro_batch: int = 8  # latents per denoiser call (a guided call runs twice as many)
+    gradient_checkpointing: bool = False
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class ModelSide:
+    """One of the two models: base or adapted."""
+
+    name: str
+    text_encoder: ClipTextEncoder
+    layout: TokenLayout
+    denoiser: Denoiser
+    counts: EvaluationCounts = field(default_factory=EvaluationCounts)
+    _pending_unet: int = 0
+    _pending_text: int = 0
+
+    def encode(self, embeds: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+        """Conditioning (B, T, D) from input embeddings (B, T, D)."""
+        self.counts.text_forward += embeds.shape[0]
+        if torch.is_grad_enabled() and embeds.requires_grad:
+            self._pending_text += embeds.shape[0]
+        with runtime.autocast():
+            return self.text_encoder.encode(embeds).float()
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, probe, runtime: Runtime) -> torch.Tensor:
+        self.counts.unet_forward += x.shape[0]
+        if torch.is_grad_enabled():
+            self._pending_unet += x.shape[0]
+        with runtime.autocast():
+            return self.denoiser(x, sigma, context, probe).float()
+
+    def count_backward(self) -> None:
+        """Call after a backward pass through this side's graph."""
+        self.counts.unet_backward += self._pending_unet
+        self.counts.text_backward += self._pending_text
+        self._pending_unet = self._pending_text = 0
+
+    def drop_pending(self) -> None:
+        self._pending_unet = self._pending_text = 0
+
+    def empty_prompt(self, runtime: Runtime) -> torch.Tensor:
+        """Conditioning (1, T, D) of the empty prompt, the unconditional branch of guidance."""
+        lay = self.layout
+        ids = [lay.start, lay.end] + [lay.pad] * (lay.max_length - 2)
+        emb = self.text_encoder.token_embedding[torch.tensor(ids, device=self.text_encoder.device)]  # (T, D)
+        with torch.no_grad():
+            return self.encode(emb[None].float(), runtime)

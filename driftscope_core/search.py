@@ -1,0 +1,113 @@
+"""Finding the most (or least) drifted words.
+
+- scan: score every candidate on the same noise (the right choice for short lists such as
+  CIFAR-10, and the exhaustive reference for longer ones).
+- paper: method steps 5-7. A soft prompt is optimized by gradient ascent on the drift with
+  AdamW; each run tracks its best word; runs restart with new seeds until K distinct words
+  are found or the run budget (factor * K) is spent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .meter import DriftMeter
+from .settings import AuditSettings
+from .soft_prompt import SoftPrompt
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A word the search proposes, with the drift the search measured for it."""
+
+    index: int
+    search_drift: float
+    run: int | None = None  # paper mode: the run that found it
+    steps: int | None = None  # paper mode: optimization steps that run took
+
+
+def _order(drifts: torch.Tensor, direction: str) -> torch.Tensor:
+    return torch.argsort(drifts, descending=(direction == "most"))
+
+
+def scan(meter: DriftMeter, settings: AuditSettings, progress: Progress | None = None) -> list[Finding]:
+    """Score every candidate on `noise_batch` shared seeds; keep the top K."""
+    indices = list(range(len(meter.vocab)))
+    seeds = settings.derived_seeds("search", settings.noise_batch)
+    drifts = meter.score(indices, seeds, progress).mean(dim=1)  # (C,)
+    order = _order(drifts, settings.direction)[: settings.top_k]
+    return [Finding(int(i), float(drifts[i])) for i in order]
+
+
+@dataclass
+class _BestWord:
+    """Method step 6: the best word changes when a new word beats both the running mean of
+    the drift loss and the best word's own loss."""
+
+    index: int | None = None
+    loss: float = float("inf")
+    mean: float = 0.0
+    seen: int = 0
+    held: int = 0  # consecutive steps the sampled word was the best word
+
+    def update(self, word: int, loss: float) -> None:
+        beats_mean = self.seen == 0 or loss <= self.mean
+        if beats_mean and loss < self.loss:
+            self.index, self.loss = word, loss
+        self.seen += 1
+        self.mean += (loss - self.mean) / self.seen
+        self.held = self.held + 1 if word == self.index else 0
+
+
+def soft_prompt_run(meter: DriftMeter, settings: AuditSettings, run: int, progress: Progress | None = None) -> Finding:
+    """One paper-mode run: AdamW on the soft prompt's logits until the budget or early stop."""
+    run_seed = settings.derived_seeds(f"run{run}", 1)[0]
+    device = meter.runtime.device
+    soft = SoftPrompt(len(meter.vocab), seed=run_seed, device=device)
+    opt = torch.optim.AdamW(soft.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    gumbel = torch.Generator().manual_seed(run_seed)
+    noise_seeds = settings.derived_seeds(f"run{run}:noise", settings.noise_batch)
+    sign = -1.0 if settings.direction == "most" else 1.0  # minimize sign * drift
+    best = _BestWord()
+    step = 0
+    for step in range(1, settings.opt_steps + 1):
+        opt.zero_grad(set_to_none=True)
+        one_hot = soft.sample(settings.tau, gumbel)  # (C,)
+        word = int(one_hot.argmax())
+        drift = float(meter.soft_backward(one_hot, noise_seeds, sign).mean())
+        if best.index is not None and settings.focus_weight > 0:
+            target = torch.tensor([best.index], device=device)
+            (settings.focus_weight * F.cross_entropy(soft.logits[None], target)).backward()
+        opt.step()
+        best.update(word, sign * drift)
+        if progress is not None:
+            progress(step, settings.opt_steps)
+        if best.held >= settings.patience:
+            break
+    return Finding(best.index, sign * best.loss, run=run, steps=step)
+
+
+def paper_search(meter: DriftMeter, settings: AuditSettings, progress: Progress | None = None) -> list[Finding]:
+    """Method step 7: restart runs with new seeds until K distinct words or the run budget."""
+    found: dict[int, Finding] = {}
+    max_runs = settings.max_runs_factor * settings.top_k
+    for run in range(max_runs):
+        if len(found) >= settings.top_k:
+            break
+        report = None if progress is None else (lambda d, t, r=run: progress(r * t + d, max_runs * t))
+        f = soft_prompt_run(meter, settings, run, report)
+        better = f.index not in found or (
+            (f.search_drift > found[f.index].search_drift) == (settings.direction == "most")
+        )
+        if better:
+            found[f.index] = f
+    ranked = sorted(found.values(), key=lambda f: f.search_drift, reverse=(settings.direction == "most"))
+    return ranked[: settings.top_k]
+
+
+SEARCHES = {"scan": scan, "paper": paper_search}

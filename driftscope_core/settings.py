@@ -1,0 +1,84 @@
+"""Audit settings: one dataclass of defaults, and named presets of the search budget."""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, fields, replace
+
+MODES = ("scan", "paper")
+DIRECTIONS = ("most", "least")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    mode: str = "scan"  # scan: score every candidate; paper: soft-prompt gradient search
+    direction: str = "most"  # most: most drifted words; least: least drifted
+    objective: str = "attention"  # attention | prediction | latent (objective.py)
+    top_k: int = 10  # words to report
+    seed: int = 0
+    # method step 3: truncated guided denoising (paper: 512 px, 4 of 50 steps, CFG 7.5, batch 4)
+    width: int = 512
+    height: int = 512
+    schedule_steps: int = 50
+    kept_steps: int = 4
+    cfg: float = 7.5
+    noise_batch: int = 4  # noise samples per evaluation during the search
+    # method steps 5-7: soft-prompt search (paper: AdamW, lr 0.1, 100 steps)
+    opt_steps: int = 100
+    lr: float = 0.1
+    weight_decay: float = 0.01
+    tau: float = 1.0  # Gumbel-softmax temperature
+    focus_weight: float = 0.1  # pull toward the current best word (replaces the paper's LM loss)
+    patience: int = 20  # early stop: the sampled word held the best for this many steps
+    max_runs_factor: int = 2  # at most factor * top_k restarts
+    # re-scoring on shared seeds and calibration against random words
+    rescore_seeds: int = 8
+    calibration_size: int = 64
+    z_threshold: float = 5.0  # calibrated (robust z) score above which a word is flagged
+
+    def validate(self) -> "AuditSettings":
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode '{self.mode}' is not one of {', '.join(MODES)}")
+        if self.direction not in DIRECTIONS:
+            problems.append(f"direction '{self.direction}' is not one of {', '.join(DIRECTIONS)}")
+        if self.width % 8 or self.height % 8 or self.width < 8 or self.height < 8:
+            problems.append(f"resolution {self.width}x{self.height}: width and height must be positive multiples of 8 (e.g. 512)")
+        if self.kept_steps < 1 or self.schedule_steps < 1:
+            problems.append("kept_steps and schedule_steps must be at least 1 (a budget of zero steps measures nothing)")
+        if self.kept_steps > self.schedule_steps:
+            problems.append(f"kept_steps ({self.kept_steps}) cannot exceed schedule_steps ({self.schedule_steps})")
+        if self.mode == "paper" and self.opt_steps < 1:
+            problems.append("opt_steps must be at least 1 in paper mode (a budget of zero steps finds nothing)")
+        if self.top_k < 1 or self.noise_batch < 1 or self.rescore_seeds < 1:
+            problems.append("top_k, noise_batch and rescore_seeds must be at least 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def derived_seeds(self, purpose: str, n: int) -> list[int]:
+        """n deterministic seeds for a purpose ("search", "rescore", "run3", ...)."""
+        rng = random.Random(f"driftscope:{self.seed}:{purpose}")
+        return [rng.randrange(2**31) for _ in range(n)]
+
+
+PRESETS: dict[str, dict] = {
+    # Minutes on a CPU with tiny models; a first look on a GPU.
+    "quick": dict(schedule_steps=20, kept_steps=3, noise_batch=2, opt_steps=30, patience=8, rescore_seeds=4, calibration_size=32),
+    # The default for real audits on a GPU.
+    "standard": dict(schedule_steps=50, kept_steps=4, noise_batch=4, opt_steps=60, patience=15, rescore_seeds=8, calibration_size=64),
+    # The reference numbers of the paper (method.md steps 3 and 6).
+    "paper": dict(mode="paper", schedule_steps=50, kept_steps=4, cfg=7.5, noise_batch=4, opt_steps=100, lr=0.1, patience=20, rescore_seeds=8, calibration_size=64),
+}
+
+
+def settings_from_preset(preset: str, **overrides) -> AuditSettings:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(AuditSettings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return replace(AuditSettings(), **{**PRESETS[preset], **overrides}).validate()

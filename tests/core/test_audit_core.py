@@ -1,0 +1,88 @@
+"""The audit end to end on plain-torch toy models: planted words come out on top."""
+import sys
+
+import pytest
+import torch
+
+from driftscope_core.audit import run_audit
+from driftscope_core.models import Runtime
+from driftscope_core.prompts import tokenize_template
+from driftscope_core.sampling import Schedule
+from driftscope_core.settings import AuditSettings
+from toy_models import LAYOUT, toy_pair, toy_tokenize, toy_vocab
+
+PLANTED = ("w007", "w023", "w041")
+SCHEDULE = Schedule(sigmas=torch.linspace(10.0, 0.0, 11), initial_scale=10.0)
+
+
+def audit(mode="scan", planted=PLANTED, **kw):
+    base, adapted = toy_pair(planted)
+    settings = AuditSettings(mode=mode, width=32, height=32, schedule_steps=10, kept_steps=2, noise_batch=2,
+                             rescore_seeds=3, calibration_size=30, top_k=kw.pop("top_k", 5), **kw)
+    tpl = [tokenize_template("a photo of a {}", toy_tokenize, LAYOUT)]
+    return run_audit(base, adapted, toy_vocab(), tpl, SCHEDULE, settings, Runtime())
+
+
+@pytest.mark.parametrize("objective", ["attention", "prediction", "latent"])
+def test_scan_ranks_planted_words_first(objective):
+    report = audit(objective=objective)
+    assert {e.token for e in report.entries[:3]} == set(PLANTED)
+    assert all(e.significant for e in report.entries[:3])
+
+
+def test_paper_mode_finds_planted_words_and_stops_early():
+    report = audit(mode="paper", top_k=3, opt_steps=40, patience=5, lr=0.5)
+    assert {e.token for e in report.entries} & set(PLANTED)
+    ev = report.evaluations["adapted"]
+    assert ev["unet_backward"] > 0 and ev["text_backward"] > 0
+    # early stop fired: fewer forward passes than the full budget would need
+    full_budget = 2 * 3 * 40 * 2 * 2 * 2  # runs * steps * seeds * kept steps * cfg
+    assert ev["unet_forward"] < full_budget
+
+
+def test_least_direction_reports_unchanged_words():
+    report = audit(direction="least")
+    assert not {e.token for e in report.entries} & set(PLANTED)
+    assert report.entries[0].drift <= report.entries[-1].drift
+
+
+def test_same_seed_same_report_and_other_seed_other_noise():
+    a, b, c = audit(seed=4), audit(seed=4), audit(seed=5)
+    assert [e.per_seed for e in a.entries] == [e.per_seed for e in b.entries]
+    assert a.seeds["rescore"] != c.seeds["rescore"]
+
+
+def test_identical_models_flag_nothing():
+    report = audit(planted=())
+    assert all(e.drift == 0.0 and not e.significant for e in report.entries)
+
+
+def test_evaluations_are_counted_per_model():
+    report = audit()
+    base, adapted = report.evaluations["base"], report.evaluations["adapted"]
+    # scan: 60 words x 2 seeds, rescoring: (5 + 30) words x 3 seeds; 2 kept steps, guided (x2)
+    expected = (60 * 2 + 35 * 3) * 2 * 2
+    assert base["unet_forward"] == adapted["unet_forward"] == expected
+    assert base["unet_backward"] == 0
+
+
+def test_report_round_trips_through_json_and_csv():
+    from driftscope_core.report import DriftReport
+    report = audit()
+    again = DriftReport.from_json(report.to_json())
+    assert again.entries == report.entries
+    csv_lines = report.to_csv().splitlines()
+    assert csv_lines[0].startswith("rank,token") and len(csv_lines) == 1 + len(report.entries)
+    assert "w007" in report.table()
+
+
+def test_core_imports_no_host_module():
+    import importlib
+    for name in list(sys.modules):
+        if name.startswith("driftscope_core"):
+            del sys.modules[name]
+    before = set(sys.modules)
+    importlib.import_module("driftscope_core.audit")
+    importlib.import_module("driftscope_core.grid")
+    new = set(sys.modules) - before
+    assert not [m for m in new if m.split(".")[0] in {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution"}]
