@@ -29,8 +29,11 @@ def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def slot_map(probs: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
-    """The slot word's attention map (B, Q): summed over its tokens, averaged over heads."""
-    per_head = torch.einsum("bhqt,bt->bhq", probs, slot_mask.to(probs.dtype))  # (B, heads, Q)
+    """The slot word's attention map (B, Q), averaged over its tokens and over heads, so words
+    of several tokens score on the same scale as single tokens."""
+    weights = slot_mask.to(probs.dtype)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, T)
+    per_head = torch.einsum("bhqt,bt->bhq", probs, weights)  # (B, heads, Q)
     return per_head.mean(dim=1)
 
 

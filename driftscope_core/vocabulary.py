@@ -92,12 +92,15 @@ def from_words(
     *,
     name: str = "custom",
     max_tokens: int = 8,
+    reserved_ids: Iterable[int] = (),
 ) -> Vocabulary:
     """A user's or a built-in word list. `tokenize` maps text to BPE ids without start/end tokens.
 
     Words of several BPE tokens are kept as multi-token candidates. Duplicates and blank lines
-    are dropped; a word that tokenizes to nothing or to too many tokens is an error that names it.
+    are dropped; a word that tokenizes to nothing, to a reserved (start/end/unknown) token or to
+    too many tokens is an error that names it.
     """
+    reserved = set(reserved_ids)
     seen: set[str] = set()
     out: list[Candidate] = []
     bad_empty, bad_long = [], []
@@ -107,7 +110,7 @@ def from_words(
             continue
         seen.add(word.lower())
         ids = tuple(int(t) for t in tokenize(word))
-        if not ids:
+        if not ids or reserved.intersection(ids):
             bad_empty.append(word)
         elif len(ids) > max_tokens:
             bad_long.append(word)
@@ -116,7 +119,7 @@ def from_words(
     if bad_empty:
         raise VocabularyError(
             f"vocabulary '{name}': {len(bad_empty)} word(s) are not in the tokenizer's vocabulary "
-            f"(they tokenize to nothing): {', '.join(repr(w) for w in bad_empty[:10])}. "
+            f"(they tokenize to nothing or to special tokens): {', '.join(repr(w) for w in bad_empty[:10])}. "
             "Remove them or spell them with plain letters."
         )
     if bad_long:
@@ -134,15 +137,16 @@ def build_vocabulary(
     tokenize: Callable[[str], list[int]],
     bpe_vocab: Mapping[str, int],
     custom_words: str = "",
+    reserved_ids: Iterable[int] = (),
 ) -> Vocabulary:
     """Resolve a vocabulary name ("clip_words", a built-in list, or "custom") to candidates."""
     if source == "clip_words":
         return from_bpe_vocab(bpe_vocab)
     if source in BUILTIN_LISTS:
-        return from_words(load_concept_list(source), tokenize, name=source)
+        return from_words(load_concept_list(source), tokenize, name=source, reserved_ids=reserved_ids)
     if source == "custom":
         lines = re.split(r"[\n,]", custom_words)
-        return from_words(lines, tokenize, name="custom")
+        return from_words(lines, tokenize, name="custom", reserved_ids=reserved_ids)
     raise VocabularyError(
         f"unknown vocabulary '{source}'; choose clip_words, custom or one of {', '.join(BUILTIN_LISTS)}"
     )

@@ -1,0 +1,107 @@
+"""DriftScope Audit node: base and adapted MODEL/CLIP in, ranked drifted words out."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+import comfy.samplers
+
+from ..driftscope_core.audit import run_audit
+from ..driftscope_core.concepts import BUILTIN_LISTS
+from ..driftscope_core.objective import OBJECTIVES
+from ..driftscope_core.prompts import parse_templates, tokenize_template
+from ..driftscope_core.settings import DIRECTIONS, MODES, PRESETS, settings_from_preset
+from ..driftscope_core.vocabulary import build_vocabulary
+from . import host
+from .progress import node_progress
+from .sockets import DriftReportType
+
+VOCABULARIES = ("cifar100", "cifar10", "coco80", "imagenet1k", "clip_words", "custom")
+
+
+def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabulary, custom_words, templates,
+                 preset, mode, scheduler, precision, micro_batch, gradient_checkpointing, node_id=None, **settings):
+    """Everything the node does, callable without a node: check inputs, build the core's view
+    of both models, run the audit under gradients, return the report."""
+    overrides = dict(settings, **({} if mode == "preset" else {"mode": mode}))
+    audit_settings = settings_from_preset(preset, **overrides)
+    family = host.check_pair(base_model, adapted_model, base_clip, adapted_clip)
+    tokenize, bpe, reserved = host.tokenizer_functions(base_clip)
+    vocab = build_vocabulary(vocabulary, tokenize, bpe, custom_words, reserved_ids=reserved)
+    runtime = host.runtime_for(precision, micro_batch, gradient_checkpointing)
+    with torch.inference_mode(False), torch.enable_grad():
+        base, adapted = host.model_sides(base_model, base_clip, adapted_model, adapted_clip, runtime,
+                                         need_grad=audit_settings.mode == "paper")
+        tpls = [tokenize_template(t, tokenize, base.layout) for t in parse_templates(templates)]
+        schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
+        return run_audit(
+            base, adapted, vocab, tpls, schedule, audit_settings, runtime,
+            latent_channels=base_model.model.latent_format.latent_channels,
+            models={"family": family, "base": host.identity(base_model, base_clip), "adapted": host.identity(adapted_model, adapted_clip)},
+            callback=node_progress(node_id, "DriftScope"),
+        )
+
+
+class DriftScopeAudit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DriftScopeAudit",
+            display_name="DriftScope Audit",
+            category="DriftScope",
+            description="Finds the words whose visual concept an adaptation (LoRA, fine-tune, concept "
+                        "erasure) changed most: compares the base and adapted models' cross-attention "
+                        "on the same noise, re-scores the top words on shared seeds and calibrates "
+                        "them against random words. The input models are not modified.",
+            inputs=[
+                io.Model.Input("base_model", tooltip="The model before adaptation (e.g. from Load Checkpoint)."),
+                io.Clip.Input("base_clip", tooltip="The base model's CLIP."),
+                io.Model.Input("adapted_model", tooltip="The adapted model (e.g. from LoraLoader or a second Load Checkpoint)."),
+                io.Clip.Input("adapted_clip", tooltip="The adapted model's CLIP (LoraLoader's CLIP output; the base CLIP if the adaptation left the text encoder alone)."),
+                io.Combo.Input("vocabulary", options=list(VOCABULARIES), default="cifar100",
+                               tooltip="Candidate words: a built-in concept list, every whole-word CLIP token (clip_words, ~30k: use mode paper), or your own list (custom)."),
+                io.String.Input("custom_words", multiline=True, default="",
+                                tooltip="With vocabulary 'custom': your words, one per line or comma-separated. Words of several tokens are kept whole."),
+                io.String.Input("templates", multiline=True, default="a photo of a {}",
+                                tooltip="Prompt templates, one per line, each with exactly one {} where the word goes. Drift is averaged over templates."),
+                io.Combo.Input("preset", options=list(PRESETS), default="standard",
+                               tooltip="Search budget: quick (a first look), standard, paper (the paper's numbers: 4 of 50 steps, CFG 7.5, batch 4, 100 AdamW steps)."),
+                io.Combo.Input("mode", options=["preset", *MODES], default="preset",
+                               tooltip="scan scores every candidate (best for lists up to a few thousand words); paper runs the paper's soft-prompt gradient search; preset uses the preset's mode."),
+                io.Combo.Input("direction", options=list(DIRECTIONS), default="most",
+                               tooltip="most: the most drifted words; least: the words the adaptation left most intact."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="attention",
+                               tooltip="attention: L1 between the slot word's cross-attention maps (the paper); prediction: x0-prediction delta; latent: latent delta after the kept steps."),
+                io.Int.Input("top_k", default=10, min=1, max=200, tooltip="How many words to report."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the noise and the search; the same seed gives the same report."),
+                io.Int.Input("width", default=512, min=8, max=4096, step=8, tooltip="Image width the audit simulates (a multiple of 8)."),
+                io.Int.Input("height", default=512, min=8, max=4096, step=8, tooltip="Image height the audit simulates (a multiple of 8)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal",
+                               tooltip="Sigma schedule of the truncated denoising."),
+                io.Combo.Input("precision", options=["auto", "fp32", "bf16", "fp16"], default="auto", optional=True,
+                               tooltip="Model passes on CUDA run under autocast (auto: bf16 where supported, else fp16). The soft prompt always stays fp32. CPU always runs fp32."),
+                io.Int.Input("micro_batch", default=4, min=1, max=256, optional=True,
+                             tooltip="Latents per model call; lower it to save memory (a guided call runs twice as many)."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute model activations in the backward pass (paper mode): much less memory, about 30% slower."),
+            ],
+            outputs=[
+                DriftReportType.Output("report", tooltip="The full audit report, for the Evidence Grid and Save Report nodes."),
+                io.String.Output("table", tooltip="The ranked words as a text table."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, base_model, base_clip, adapted_model, adapted_clip, vocabulary, custom_words, templates, preset,
+                mode, direction, objective, top_k, seed, width, height, scheduler, precision="auto", micro_batch=4,
+                gradient_checkpointing=False) -> io.NodeOutput:
+        report = audit_models(
+            base_model, base_clip, adapted_model, adapted_clip, vocabulary=vocabulary, custom_words=custom_words,
+            templates=templates, preset=preset, mode=mode, scheduler=scheduler, precision=precision,
+            micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, node_id=cls.hidden.unique_id,
+            direction=direction, objective=objective, top_k=top_k, seed=seed, width=width, height=height,
+        )
+        table = report.table()
+        return io.NodeOutput(report, table, ui=ui.PreviewText(table))

@@ -1,0 +1,192 @@
+"""ComfyUI objects -> the core's plain-torch model sides. The only place that knows ComfyUI's
+model internals (MODEL/CLIP patchers, attention patches, sigma schedules)."""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import torch
+
+import comfy.clip_model
+import comfy.model_management
+import comfy.samplers
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..driftscope_core.models import ModelSide, Runtime
+from ..driftscope_core.prompts import TokenLayout
+from ..driftscope_core.sampling import Schedule
+from ..driftscope_core.text_encoder import ClipTextEncoder, TextEncoderConfig
+
+SUPPORTED_FAMILIES = {"SD15": "SD1.x", "SD20": "SD2.x"}
+_ATTN2 = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.\d+\.transformer_blocks\.(\d+)\.attn2$")
+_BLOCK = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+
+
+class InputError(ValueError):
+    """A node input cannot be used; the message names the input and the fix."""
+
+
+# -- models -------------------------------------------------------------------------------------
+def family_of(model, input_name: str) -> str:
+    """The model family's config class name; SD1.x and SD2.x are supported."""
+    name = type(model.model.model_config).__name__
+    if name not in SUPPORTED_FAMILIES:
+        raise InputError(
+            f"{input_name}: model family '{name}' is not supported yet. DriftScope audits SD1.x and "
+            "SD2.x checkpoints (SD15, SD20); load one of those."
+        )
+    return name
+
+
+def check_pair(base_model, adapted_model, base_clip, adapted_clip) -> str:
+    """Base and adapted must be the same architecture; returns the family."""
+    fam_b, fam_a = family_of(base_model, "base_model"), family_of(adapted_model, "adapted_model")
+    ctx_b = base_model.model.model_config.unet_config.get("context_dim")
+    ctx_a = adapted_model.model.model_config.unet_config.get("context_dim")
+    if fam_b != fam_a or ctx_b != ctx_a:
+        raise InputError(
+            f"base_model ({fam_b}, context {ctx_b}) and adapted_model ({fam_a}, context {ctx_a}) are "
+            "different architectures; compare an adaptation with the checkpoint it was made from."
+        )
+    for name, clip in (("base_clip", base_clip), ("adapted_clip", adapted_clip)):
+        width = _clip_inner(clip, name).transformer.text_model.embeddings.token_embedding.weight.shape[1]
+        if width != ctx_b:
+            raise InputError(f"{name}: text encoder width {width} does not match the model's context {ctx_b}; connect the CLIP of the same checkpoint.")
+    return fam_b
+
+
+def grad_ready_clone(patcher):
+    """A clone whose every weight is copied at forward time (identity weight wrappers), so
+    gradients can flow through weights that loaders created as inference tensors. LoRA and
+    other patches stay applied; the input patcher is untouched."""
+    p = patcher.clone()
+    for name, module in p.model.named_modules():
+        if hasattr(module, "weight_function"):
+            for attr in ("weight", "bias"):
+                if getattr(module, attr, None) is not None:
+                    p.add_weight_wrapper(f"{name}.{attr}", _same)
+    return p
+
+
+def _same(weight):
+    return weight
+
+
+class ComfyDenoiser:
+    """The core's denoiser protocol on a ComfyUI MODEL: x0 from BaseModel.apply_model, with the
+    attention probe installed as an attn2 replacement on every cross-attention layer."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        unet = patcher.model.diffusion_model
+        self.attn2_keys = [(_BLOCK[m[1]], int(m[2]), int(m[3])) for n, _ in unet.named_modules() if (m := _ATTN2.match(n))]
+
+    def __call__(self, x, sigma, context, attention_probe):
+        comfy.model_management.load_models_gpu([self.patcher])
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        if attention_probe is not None:
+            def replace(q, k, v, extra):
+                out = attention_probe(q, k, v, extra["n_heads"])
+                return optimized_attention(q, k, v, extra["n_heads"]) if out is None else out
+            patches = dict(options.get("patches_replace", {}))
+            patches["attn2"] = {**patches.get("attn2", {}), **{key: replace for key in self.attn2_keys}}
+            options["patches_replace"] = patches
+        return self.patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+
+def schedule_of(model, scheduler: str, steps: int) -> Schedule:
+    """The model's own sigma schedule and its initial noise scale (maximum denoise)."""
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps).float().cpu()
+    scale = ms.noise_scaling(sigmas[:1], torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), max_denoise=True)
+    return Schedule(sigmas=sigmas, initial_scale=float(scale.flatten()[0]))
+
+
+# -- text encoders -------------------------------------------------------------------------------
+def _clip_inner(clip, input_name: str):
+    cond = clip.cond_stage_model
+    inner = getattr(cond, getattr(cond, "clip", ""), None)
+    if inner is None or not hasattr(inner, "transformer"):
+        raise InputError(f"{input_name}: this CLIP ({type(cond).__name__}) is not an SD1.x/SD2.x text encoder.")
+    return inner
+
+
+def _tokenizer(clip):
+    tok = clip.tokenizer
+    return getattr(tok, tok.clip)
+
+
+def _effective_layer(clip, inner) -> tuple[int | None, bool]:
+    """The layer ComfyUI reads out (CLIPSetLastLayer sets clip.layer_idx)."""
+    if clip.layer_idx is not None:
+        idx = clip.layer_idx
+        return (None if abs(idx) > inner.num_layers else idx), inner.layer_norm_hidden_state
+    layer, idx = inner.options_default[0], inner.options_default[1]
+    return (None if layer == "last" else idx), inner.layer_norm_hidden_state
+
+
+def text_side(clip, input_name: str, device: torch.device) -> tuple[ClipTextEncoder, TokenLayout]:
+    """Copy the CLIP's patched text-encoder weights into the core's differentiable encoder."""
+    inner = _clip_inner(clip, input_name)
+    if inner.enable_attention_masks:
+        raise InputError(f"{input_name}: text encoders with attention masks are not supported yet.")
+    comfy.model_management.load_models_gpu([clip.patcher], force_patch_weights=True, force_full_load=True)
+    text_model = inner.transformer.text_model
+    weights = {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in text_model.state_dict().items()}
+    first = text_model.encoder.layers[0]
+    activation = next(k for k, f in comfy.clip_model.ACTIVATIONS.items() if f is first.mlp.activation)
+    output_layer, norm = _effective_layer(clip, inner)
+    config = TextEncoderConfig(num_layers=inner.num_layers, heads=first.self_attn.heads, activation=activation,
+                               output_layer=output_layer, norm_intermediate=norm)
+    tok = _tokenizer(clip)
+    layout = TokenLayout(start=tok.start_token, end=tok.end_token, pad=tok.pad_token, max_length=tok.max_length)
+    return ClipTextEncoder(weights, config), layout
+
+
+def tokenizer_functions(clip):
+    """(tokenize(text) -> BPE ids without start/end, BPE vocabulary dict, reserved ids)."""
+    tok = _tokenizer(clip)
+    hf = tok.tokenizer
+
+    def tokenize(text: str) -> list[int]:
+        return list(hf(text)["input_ids"][1:-1])
+
+    reserved = {tok.start_token, tok.end_token, hf.unk_token_id} - {None}
+    return tokenize, hf.get_vocab(), reserved
+
+
+# -- runtime and identities ----------------------------------------------------------------------
+def runtime_for(precision: str, micro_batch: int, gradient_checkpointing: bool) -> Runtime:
+    device = comfy.model_management.get_torch_device()
+    dtype = None
+    if device.type == "cuda":
+        if precision == "auto":
+            dtype = torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float16
+        else:
+            dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Runtime(device=device, autocast_dtype=dtype, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing)
+
+
+def identity(model, clip) -> dict:
+    """What the report says about a model: family, dtype and a fingerprint of its patches."""
+    keys = sorted(model.patches) + sorted(f"clip:{k}" for k in clip.patcher.patches)
+    strengths = [round(float(p[0]), 6) for k in sorted(model.patches) for p in model.patches[k]]
+    digest = hashlib.sha256(repr((keys, strengths)).encode()).hexdigest()[:16]
+    return {
+        "family": type(model.model.model_config).__name__,
+        "dtype": str(model.model.get_dtype()),
+        "weight_patches": len(model.patches),
+        "clip_weight_patches": len(clip.patcher.patches),
+        "patch_fingerprint": digest,
+    }
+
+
+def model_sides(base_model, base_clip, adapted_model, adapted_clip, runtime: Runtime, need_grad: bool):
+    """Both sides for the core; models are cloned (gradient-ready when needed), never modified."""
+    sides = []
+    for name, model, clip in (("base", base_model, base_clip), ("adapted", adapted_model, adapted_clip)):
+        encoder, layout = text_side(clip, f"{name}_clip", runtime.device)
+        # the base branch runs without gradients (method step 3)
+        patcher = grad_ready_clone(model) if need_grad and name == "adapted" else model.clone()
+        sides.append(ModelSide(name, encoder, layout, ComfyDenoiser(patcher)))
+    return sides
