@@ -28,6 +28,7 @@ class SamplingSettings:
     cfg: float = 7.5
     objective: str = "attention"
     group_size: int = 256  # latents per model switch in batched scoring
+    cache_size: int = 1024  # word conditionings kept per side and template (re-scoring reuses them)
 
 
 class _SideState:
@@ -39,6 +40,7 @@ class _SideState:
         self.builders = [PromptBuilder(t, side.layout, emb) for t in templates]
         self.cand_rows, self.lengths = candidate_embeddings(vocab, emb)  # (C, L, D), (C,)
         self.uncond = side.empty_prompt(runtime)  # (1, T, D)
+        self.cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (template, word) -> (cond, mask)
 
 
 class DriftMeter:
@@ -69,12 +71,22 @@ class DriftMeter:
         parts = [self._trajectory(st, noise[i : i + mb], cond[i : i + mb], mask[i : i + mb]) for i in range(0, noise.shape[0], mb)]
         return Trajectory.cat(parts)
 
-    def _word_prompts(self, st: _SideState, builder: PromptBuilder, indices: list[int]):
-        """Conditioning (n, T, D) and slot masks (n, T) for candidate words, exact ids."""
-        pairs = [builder.embed_ids(self.vocab[i].token_ids) for i in indices]
-        embeds = torch.stack([p[0] for p in pairs])  # (n, T, D)
-        masks = torch.stack([p[1] for p in pairs])  # (n, T)
-        return st.side.encode(embeds, self.runtime), masks
+    def _word_prompts(self, st: _SideState, t_idx: int, indices: list[int]):
+        """Conditioning (n, T, D) and slot masks (n, T) for candidate words, exact ids; words
+        encoded before with this template come from the cache."""
+        missing = [i for i in indices if (t_idx, i) not in st.cache]
+        if missing:
+            builder = st.builders[t_idx]
+            pairs = [builder.embed_ids(self.vocab[i].token_ids) for i in missing]
+            embeds = torch.stack([p[0] for p in pairs])  # (m, T, D)
+            conds = st.side.encode(embeds, self.runtime)  # (m, T, D)
+            fresh = {(t_idx, i): (conds[j], pairs[j][1]) for j, i in enumerate(missing)}
+        else:
+            fresh = {}
+        rows = [fresh.get((t_idx, i)) or st.cache[(t_idx, i)] for i in indices]
+        room = self.sampling.cache_size * len(self.templates) - len(st.cache)
+        st.cache.update(list(fresh.items())[: max(room, 0)])
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
     # -- batched scoring -----------------------------------------------------------------------
     @torch.no_grad()
@@ -103,7 +115,7 @@ class DriftMeter:
         noise_rep = noise.repeat(n, 1, 1, 1)  # (n*N, C, h, w): word-major, seed-minor
         trajectories = []
         for st in (self.base, self.adapted):
-            cond, mask = self._word_prompts(st, st.builders[t_idx], group)
+            cond, mask = self._word_prompts(st, t_idx, group)
             cond = cond.repeat_interleave(n_seeds, dim=0)  # (n*N, T, D)
             mask = mask.repeat_interleave(n_seeds, dim=0)  # (n*N, T)
             trajectories.append(self._trajectories(st, noise_rep, cond, mask))

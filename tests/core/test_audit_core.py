@@ -64,6 +64,8 @@ def test_evaluations_are_counted_per_model():
     expected = (60 * 2 + 35 * 3) * 2 * 2
     assert base["unet_forward"] == adapted["unet_forward"] == expected
     assert base["unet_backward"] == 0
+    # each word is encoded once (re-scoring reuses the scan's conditionings), plus the empty prompt
+    assert base["text_forward"] == adapted["text_forward"] == 60 + 1
 
 
 def test_report_round_trips_through_json_and_csv():

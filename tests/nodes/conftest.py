@@ -40,6 +40,7 @@ args.use_pytorch_cross_attention = True
 
 DEMO_MODELS = _load("demo_models", ROOT / "scripts" / "demo_models.py")
 PACK = _load("DriftScope", ROOT / "__init__.py", package=True)
+importlib.import_module("DriftScope.nodes")  # what comfy_entrypoint() imports
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,104 @@
+"""The main job on the embedded tiny demo, end to end through a real ComfyUI server.
+
+Generates a tiny SD1.5-architecture checkpoint (loadable by the stock CheckpointLoaderSimple) and
+a LoRA that plants drift on known words, starts ComfyUI headless on loopback, queues the example
+workflow workflows/api/lora_side_effects.json with the demo models swapped in, prints the ranked
+table and where the report and the evidence grid were written, and stops the server.
+
+    python scripts/demo.py [--workflow lora_side_effects|checkpoint_vs_checkpoint] [--work-dir .demo]
+
+Exit status 0 when the planted words are the top 3, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY_DIR = ROOT / ".comfyui" / "ComfyUI"
+AUDIT, GRID_SAVE, REPORT_SAVE = "10", "12", "13"
+
+# What the demo changes in the shipped workflows: the tiny demo files instead of the user's
+# models, a 64 px audit (an 8x8 latent), the quick preset and CPU-sized model batches, so it
+# runs in minutes on a CPU.
+DEMO_FILES = {
+    "lora_side_effects": {"1": {"ckpt_name": "driftscope_demo_base.safetensors"},
+                          "2": {"lora_name": "driftscope_demo_planted.safetensors"}},
+    "checkpoint_vs_checkpoint": {"1": {"ckpt_name": "driftscope_demo_base.safetensors"},
+                                 "2": {"ckpt_name": "driftscope_demo_adapted.safetensors"}},
+}
+DEMO_AUDIT = {"preset": "quick", "width": 64, "height": 64, "micro_batch": 32}
+DEMO_GRID = {"steps": 8}
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def demo_overrides(prompt: dict, workflow: str = "lora_side_effects") -> dict:
+    """A copy of an API-format workflow with the demo models and the demo budget swapped in."""
+    out = copy.deepcopy(prompt)
+    for node_id, inputs in DEMO_FILES[workflow].items():
+        out[node_id]["inputs"].update(inputs)
+    out[AUDIT]["inputs"].update(DEMO_AUDIT)
+    for node in out.values():
+        if node["class_type"] == "DriftScopeEvidenceGrid":
+            node["inputs"].update(DEMO_GRID)
+    return out
+
+
+def ensure_models(models_dir: Path) -> dict:
+    """Generate the demo models (once; a stamp file says when they are current)."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_models.py"), "--comfy", str(COMFY_DIR),
+                    "--out", str(models_dir)], check=True)
+    return json.loads((models_dir / "planted.json").read_text())
+
+
+def run_demo(workflow: str, work_dir: Path, timeout: float = 1200.0) -> int:
+    harness = _load("comfy_server", ROOT / "scripts" / "comfy_server.py")
+    base_dir = work_dir / "comfy"
+    t0 = time.perf_counter()
+    planted = ensure_models(base_dir / "models")
+    t_models = time.perf_counter() - t0
+    prompt = demo_overrides(harness.load_api_workflow(ROOT / "workflows" / "api" / f"{workflow}.json"), workflow)
+    with harness.ComfyServer(COMFY_DIR, base_directory=base_dir) as server:
+        print(f"[demo] ComfyUI {server.url} up in {server.startup_seconds:.1f}s; queueing {workflow}", flush=True)
+        t1 = time.perf_counter()
+        entry = server.run(prompt, timeout=timeout)
+        t_run = time.perf_counter() - t1
+        table = harness.outputs_of(entry, AUDIT)["text"][0]
+        grid = harness.outputs_of(entry, GRID_SAVE)["images"][0]
+        saved = harness.outputs_of(entry, REPORT_SAVE)["text"][0]
+        out_dir = server.output_directory
+    print(table)
+    print(f"[demo] evidence grid: {out_dir / grid['subfolder'] / grid['filename']}")
+    print(f"[demo] report: {saved.replace('saved ', '')} in {out_dir}")
+    report_json = sorted((out_dir / "driftscope").glob("report_*.json"))[-1]
+    report = json.loads(report_json.read_text())
+    top3 = [e["token"] for e in report["entries"][:3]]
+    found = set(top3) & set(planted["planted"])
+    print(f"[demo] models {t_models:.1f}s, workflow {t_run:.1f}s, total {time.perf_counter() - t0:.1f}s")
+    print(f"[demo] evaluations: {json.dumps(report['evaluations'])}")
+    print(f"[demo] planted {sorted(planted['planted'])}; top 3 {top3}: {len(found)}/3 recovered")
+    return 0 if len(found) == 3 else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workflow", default="lora_side_effects", choices=sorted(DEMO_FILES))
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".demo")
+    args = parser.parse_args(argv)
+    return run_demo(args.workflow, args.work_dir.resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
