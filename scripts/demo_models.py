@@ -1,0 +1,802 @@
+"""Deterministic stand-in models for DriftScope's tests and demo (no downloaded weights).
+
+Everything here is built from ComfyUI's own classes and initialized from a seed, so the
+objects behave like real SD1.x / SD2.x models to every ComfyUI code path, only smaller and
+with random weights.
+
+A. In-process tiny components for fast tests (fp32, a few seconds to build):
+     tiny_sd15(seed) -> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE)   SD1.x, eps-prediction
+     tiny_sd2(seed)  -> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE)   SD2.x, v-prediction
+
+B. File-based demo models that ComfyUI's stock loaders accept, written under a models folder:
+     checkpoints/driftscope_demo_base.safetensors     smallest SD1.5-detectable UNet,
+                                                      random CLIP-L-shaped text encoder, TAESD
+     checkpoints/driftscope_demo_adapted.safetensors  base with a planted concept edit
+     loras/driftscope_demo_planted.safetensors        the same edit as an exact kohya LoRA
+     planted.json                                     what was planted (the ground truth)
+   ensure_demo_models(models_dir) builds them once and reuses them while the version stamp holds.
+
+The planted edit is a closed-form edit of the UNet's cross-attention key/value projections in
+the spirit of UCE (Gandikota et al., "Unified Concept Editing"): the keys and values of the
+text-encoder outputs of the planted words move a lot, those of the rest of the vocabulary and
+of the template barely move.  planted_edit_in_process() applies the same edit to any
+in-process model as ComfyUI weight patches on a clone.
+
+The module imports ComfyUI lazily: put the ComfyUI folder on sys.path before calling anything
+(the CLI does that from --comfy), and on a machine without CUDA set
+comfy.cli_args.args.cpu = True before comfy.model_management is first imported.
+
+Other entry points: planted_edit_deltas (the edit as weight deltas plus statistics),
+lora_state_dict (an exact kohya LoRA of such deltas), verify_demo_models (load the files back
+with ComfyUI's loaders and check them), token_ids / slot_layout / encode_prefixes (text-encoder
+outputs at chosen token positions), load_vocabulary.
+
+CLI:  python scripts/demo_models.py --comfy PATH/TO/ComfyUI --out PATH/TO/models
+          [--force] [--verify | --no-verify]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEMO_VERSION = 1
+TEMPLATE = "a photo of a {}"
+PLANTED = ("tiger", "bicycle", "castle")
+VOCABULARY = "cifar100"
+DEMO_SEED = 0
+# Planted keys/values are pushed by DEMO_STRENGTH times their own norm; DEMO_LAM weighs the
+# preserve set (vocabulary without the planted words, plus the template prefix) against that;
+# DEMO_EPS is a ridge on the whole edit that keeps words outside the vocabulary from moving much
+# (without it, reaching the nearly collinear end-of-text targets takes a large edit that moves
+# unseen words as much as the planted ones).
+DEMO_STRENGTH = 2.0
+DEMO_LAM = 10.0
+DEMO_EPS = 0.1
+# The padding positions of this many preserved prompts join the preserve set (each needs a
+# full-length pass through the CLIP-L-sized encoder; 8 already keep the padding in place).
+DEMO_PAD_PROMPTS = 8
+# Common words outside CIFAR-100, used only to report how much unseen words move.
+HELDOUT_WORDS = ("dog", "cat", "car", "guitar", "pizza", "ship", "horse", "airplane", "banana",
+                 "church", "robot", "umbrella")
+
+BASE_CKPT = "driftscope_demo_base.safetensors"
+ADAPTED_CKPT = "driftscope_demo_adapted.safetensors"
+PLANTED_LORA = "driftscope_demo_planted.safetensors"
+PLANTED_JSON = "planted.json"
+STAMP_JSON = ".driftscope_demo_stamp.json"
+
+_DATA_DIR = Path(__file__).resolve().parents[1] / "driftscope_core" / "data"
+
+# Text-encoder configs (merged by ComfyUI's SDClipModel into its json config).
+TINY_CLIP_L_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                      "num_hidden_layers": 2, "projection_dim": 64}
+# SD2 uses the penultimate layer: ComfyUI asserts more than 2 layers.
+TINY_CLIP_H_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                      "num_hidden_layers": 3, "projection_dim": 64}
+CLIP_L_CONFIG = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                 "num_hidden_layers": 12, "projection_dim": 768}
+
+# Init scales of the random text encoders.  The token embedding is much larger than what each
+# layer adds to the residual stream, so a token's output keeps its identity (distinct,
+# well-conditioned context vectors for different words) while attention still mixes context
+# into it (the end-of-text vector depends on the word).
+CLIP_TOKEN_STD = 1.0
+CLIP_POSITION_STD = 0.1
+CLIP_LAYER_GAIN = 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+def load_vocabulary(name: str = VOCABULARY) -> list[str]:
+    """Concept words, one per line, from driftscope_core/data/<name>.txt."""
+    path = _DATA_DIR / f"{name}.txt"
+    words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines()]
+    return [w for w in words if w and not w.startswith("#")]
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    """Independent, reproducible random streams per component."""
+    return torch.Generator().manual_seed(int(seed) * 1009 + int(stream))
+
+
+def _cpu_fallback_if_needed() -> None:
+    """Set ComfyUI's --cpu flag when there is no CUDA, if model_management is not loaded yet."""
+    if "comfy.model_management" in sys.modules or torch.cuda.is_available():
+        return
+    try:
+        import comfy.cli_args
+    except ImportError as exc:
+        raise ImportError("ComfyUI is not importable: put its folder on sys.path or pass comfy_dir") from exc
+    comfy.cli_args.args.cpu = True
+
+
+def prepare_comfy(comfy_dir: str | os.PathLike | None) -> None:
+    """Make `import comfy` work from an explicit ComfyUI folder (call time, never import time)."""
+    if comfy_dir is not None:
+        comfy_dir = str(Path(comfy_dir).resolve())
+        if not (Path(comfy_dir) / "comfy").is_dir():
+            raise FileNotFoundError(f"no ComfyUI 'comfy' package under {comfy_dir}")
+        if comfy_dir not in sys.path:
+            sys.path.insert(0, comfy_dir)
+    _cpu_fallback_if_needed()
+
+
+@torch.no_grad()
+def init_parameters_(module: torch.nn.Module, generator: torch.Generator, *, gain: float = 1.0,
+                     embedding_std: dict[str, float] | None = None,
+                     scalars: dict[str, float] | None = None) -> torch.nn.Module:
+    """Give every parameter of a ComfyUI-built module deterministic values.
+
+    ComfyUI creates its layers with torch.empty, so a model built from a config holds garbage.
+    Linear/conv weights ~ N(0, gain^2 / fan_in), biases 0; norms weight 1, bias 0; embeddings
+    ~ N(0, std^2) with std looked up by the parameter name's ending in `embedding_std`
+    (default 0.02); any other parameter must be named in `scalars` (name ending -> value),
+    otherwise this raises, so nothing is left uninitialized by accident.
+    """
+    embedding_std = embedding_std or {}
+    scalars = scalars or {}
+    seen = set()
+    for mod_name, mod in module.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            seen.add(id(p))
+            if isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                p.fill_(1.0 if p_name == "weight" else 0.0)
+            elif isinstance(mod, torch.nn.Embedding):
+                std = next((s for end, s in embedding_std.items() if full.endswith(end)), 0.02)
+                p.normal_(0.0, std, generator=generator)
+            elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+                if p_name == "weight":
+                    fan_in = p[0].numel()
+                    p.normal_(0.0, gain / math.sqrt(fan_in), generator=generator)
+                else:
+                    p.zero_()
+            else:
+                value = next((v for end, v in scalars.items() if full.endswith(end)), None)
+                if value is None:
+                    raise ValueError(f"do not know how to initialize parameter {full} of {type(mod).__name__}")
+                p.fill_(value)
+    left = [n for n, p in module.named_parameters() if id(p) not in seen]
+    if left:
+        raise ValueError(f"parameters left uninitialized: {left[:5]}")
+    return module
+
+
+@torch.no_grad()
+def _round_to_fp16_(module: torch.nn.Module) -> None:
+    """Make fp32 weights exactly fp16-representable, so the fp16 file equals the in-process model."""
+    for p in module.parameters():
+        if p.dtype == torch.float32:
+            p.copy_(p.to(torch.float16).to(torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# A. in-process components
+
+def unet_config(model_channels: int = 32, context_dim: int = 64, channel_mult=(1, 2),
+                attention_input=True, attention_output=True, attention_middle=True,
+                use_linear_in_transformer: bool = False) -> dict:
+    """A UNet config in the form comfy.model_detection.detect_unet_config produces.
+
+    One res block per level; `attention_*` switch the (depth-1) transformers on in the input
+    blocks, the output blocks and the middle block (False for the middle removes the whole
+    middle block, as in the smallest detectable SD1.5 checkpoint).
+    """
+    n = len(channel_mult)
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "out_channels": 4,
+        "model_channels": model_channels,
+        "num_res_blocks": [1] * n,
+        "transformer_depth": [int(bool(attention_input))] * n,
+        "transformer_depth_output": [int(bool(attention_output))] * (2 * n),
+        "channel_mult": list(channel_mult),
+        "transformer_depth_middle": 1 if attention_middle else -2,
+        "use_linear_in_transformer": use_linear_in_transformer,
+        "context_dim": context_dim,
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+    }
+
+
+def _model_patcher(base_model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    return comfy.model_patcher.ModelPatcher(base_model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def _make_unet(config_cls, cfg: dict, seed: int, model_type=None, extra_config: dict | None = None):
+    import comfy.model_base
+    model_config = config_cls(cfg)
+    model_config.unet_config.update(extra_config or {})
+    model_config.set_inference_dtype(torch.float32, None)
+    if model_type is None:
+        base = model_config.get_model({})
+    else:  # the config's own model_type() guesses from real checkpoint statistics
+        base = comfy.model_base.BaseModel(model_config, model_type=model_type)
+    init_parameters_(base.diffusion_model, _generator(seed, 1))
+    return _model_patcher(base)
+
+
+def _make_clip(tokenizer_cls, clip_cls, clip_name: str, config: dict, seed: int, dtype):
+    import comfy.sd
+    import comfy.supported_models_base
+    target = comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls)
+    # comfy.sd.CLIP picks fp16 for text encoders on CPU unless told otherwise.
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, f"clip_{clip_name}_model_config": dict(config)})
+    init_parameters_(clip.cond_stage_model, _generator(seed, 2), gain=CLIP_LAYER_GAIN,
+                     embedding_std={"token_embedding.weight": CLIP_TOKEN_STD,
+                                    "position_embedding.weight": CLIP_POSITION_STD},
+                     scalars={"logit_scale": math.log(100.0)})
+    return clip
+
+
+def taesd_state_dict(seed: int = 0) -> dict:
+    """State dict of a TAESD-architecture VAE with random weights (about 2.4M parameters);
+    comfy.sd.VAE recognizes it by its "taesd_decoder.1.weight" key."""
+    import comfy.taesd.taesd
+    taesd = comfy.taesd.taesd.TAESD()
+    init_parameters_(taesd, _generator(seed, 3), scalars={"vae_scale": 1.0, "vae_shift": 0.0})
+    return {k: v.detach().clone() for k, v in taesd.state_dict().items()}
+
+
+def tiny_vae(seed: int = 0):
+    """A TAESD-architecture comfy.sd.VAE with random weights, fp32."""
+    import comfy.sd
+    return comfy.sd.VAE(sd=taesd_state_dict(seed), dtype=torch.float32)
+
+
+def tiny_sd15(seed: int = 0):
+    """Tiny SD1.x: UNet 32 ch, context 64, two levels with attention everywhere (three
+    cross-attention layers at the highest resolution), a 64-wide 2-layer CLIP with the real SD1
+    tokenizer, TAESD VAE; fp32, eps-prediction."""
+    import comfy.sd1_clip
+    import comfy.supported_models
+    model = _make_unet(comfy.supported_models.SD15, unet_config(32, 64, (1, 2)), seed)
+    clip = _make_clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, "l",
+                      TINY_CLIP_L_CONFIG, seed, torch.float32)
+    return model, clip, tiny_vae(seed)
+
+
+def tiny_sd2(seed: int = 0):
+    """Tiny SD2.x: the SD20 model config (linear transformer projections, fp32 attention),
+    forced to v-prediction, a 64-wide 3-layer OpenCLIP-H-style text encoder read at the
+    penultimate layer with the SD2 tokenizer, TAESD VAE; fp32."""
+    import comfy.model_base
+    import comfy.supported_models
+    import comfy.text_encoders.sd2_clip as sd2_clip
+    # SD20 uses 64 channels per head: with 32 channels that would be zero heads.
+    model = _make_unet(comfy.supported_models.SD20,
+                       unet_config(32, 64, (1, 2), use_linear_in_transformer=True), seed,
+                       model_type=comfy.model_base.ModelType.V_PREDICTION,
+                       extra_config={"num_head_channels": 8})
+    assert model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    clip = _make_clip(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel, "h",
+                      TINY_CLIP_H_CONFIG, seed, torch.float32)
+    return model, clip, tiny_vae(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Text-encoder outputs at chosen token positions
+
+def _text_encoder(clip):
+    """The single SDClipModel inside a comfy.sd.CLIP (SD1.x: clip_l, SD2.x: clip_h)."""
+    outer = clip.cond_stage_model
+    name = getattr(outer, "clip", None)
+    if name is None or not hasattr(outer, name):
+        raise NotImplementedError(f"only single-encoder CLIPs are supported, got {type(outer).__name__}")
+    return getattr(outer, name), getattr(outer, "clip_name")
+
+
+def token_ids(clip, text: str, padded: bool = False) -> list[int]:
+    """Token ids of `text` as ComfyUI feeds them to the text encoder: start token, ..., first
+    end token, and with `padded` the padding after it (77 ids for CLIP)."""
+    inner, key = _text_encoder(clip)
+    ids = [int(t) for t, _ in clip.tokenize(text)[key][0]]
+    if padded:
+        return ids
+    return ids[: ids.index(inner.special_tokens["end"]) + 1]
+
+
+def slot_layout(clip, template: str, word: str) -> tuple[list[int], list[int], int]:
+    """(ids up to the first end token, slot positions, position of the first end token)."""
+    ids = token_ids(clip, template.format(word))
+    prefix = template.split("{}")[0].strip()
+    n_prefix = len(token_ids(clip, prefix)) - 2 if prefix else 0
+    word_ids = token_ids(clip, word)[1:-1]
+    start = 1 + n_prefix
+    slot = list(range(start, start + len(word_ids)))
+    if ids[start:start + len(word_ids)] != word_ids:
+        raise ValueError(f"could not locate {word!r} in the tokens of {template.format(word)!r}")
+    return ids, slot, len(ids) - 1
+
+
+@torch.no_grad()
+def encode_prefixes(clip, id_lists: list[list[int]], check: bool = True) -> torch.Tensor:
+    """Text-encoder outputs for several token sequences at once, fp32, [batch, max_len, dim].
+
+    Runs ComfyUI's own embedding, encoder layers and final norm (and the CLIP's layer choice:
+    last, penultimate for SD2, clip skip) on the given sequences, usually cut after their first
+    end token (token_ids) instead of the padded 77 positions (token_ids(..., padded=True)).
+    The text encoder is causal, so the outputs at those positions are the ones
+    CLIP.encode_from_tokens produces, about ten times cheaper; `check` compares the first
+    sequence with encode_from_tokens to make sure.  Single-encoder CLIPs (SD1.x, SD2.x) only.
+    """
+    import comfy.ops
+    inner, key = _text_encoder(clip)
+    clip.cond_stage_model.reset_clip_options()
+    if clip.layer_idx is not None:
+        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
+    clip.load_model()
+    if inner.layer not in ("last", "hidden"):
+        raise NotImplementedError(f"layer mode {inner.layer!r}")
+    text_model = inner.transformer.text_model
+    emb = text_model.embeddings
+    device = emb.token_embedding.weight.device
+    length = max(len(x) for x in id_lists)
+    end = inner.special_tokens["end"]
+    ids = torch.tensor([x + [end] * (length - len(x)) for x in id_lists], device=device)
+    x = emb.token_embedding(ids, out_dtype=torch.float32)
+    x = x + comfy.ops.cast_to(emb.position_embedding.weight[:length], dtype=torch.float32, device=device)
+    mask = torch.full((length, length), -torch.finfo(torch.float32).max, device=device).triu_(1)
+    hidden = inner.layer_idx if inner.layer == "hidden" else None
+    x, inter = text_model.encoder(x, mask=mask, intermediate_output=hidden)
+    if inner.layer == "last":
+        out = text_model.final_layer_norm(x)
+    else:
+        out = text_model.final_layer_norm(inter) if inner.layer_norm_hidden_state else inter
+    out = out.float()
+    if check:
+        n = len(id_lists[0])
+        pad = inner.special_tokens.get("pad", end)
+        full_ids = id_lists[0] + [pad] * (inner.max_length - n)
+        ref = clip.encode_from_tokens({key: [[(t, 1.0) for t in full_ids]]})[0, :n].to(out)
+        err = (ref - out[0, :n]).abs().max().item()
+        if not err <= 1e-3 * max(1.0, ref.abs().max().item()):
+            raise RuntimeError(f"prefix encoding differs from CLIP.encode_from_tokens by {err:.3g}")
+    return out
+
+
+def edit_and_preserve_vectors(clip, planted, vocabulary, template: str = TEMPLATE, heldout=(),
+                              pad_prompts: int | None = None):
+    """Context vectors to edit and to preserve.
+
+    Edit set: for each planted word, the text-encoder outputs of template.format(word) at the
+    word-dependent positions (the slot tokens, anything after them, the first end token).
+    Preserve set: the same positions for every other vocabulary word, the template's prefix
+    positions (start token and words before the slot; identical for every word since the
+    encoder is causal), and the padding positions after the first end token of `pad_prompts`
+    of the preserved prompts (None: all; they need a full-length encoding each).  The padding
+    makes up most of the 77 context vectors the UNet attends to: left out, the edit would move
+    it for every prompt.  Returns (edit [n_e, dim], preserve [n_p, dim], info) where info also
+    holds "edit_kind" ("slot"/"eos" per edit row) and "heldout" vectors of `heldout` words
+    (same positions as the edit set; for reporting only).
+    """
+    planted = list(dict.fromkeys(planted))
+    others = [w for w in dict.fromkeys(vocabulary) if w not in set(planted)]
+    heldout = [w for w in dict.fromkeys(heldout) if w not in set(planted) | set(others)]
+    words = planted + others + heldout
+    layouts = [slot_layout(clip, template, w) for w in words]
+    out = encode_prefixes(clip, [ids for ids, _, _ in layouts])
+    per_word = [out[i, slot[0]: eos + 1] for i, (ids, slot, eos) in enumerate(layouts)]
+    prefix_len = layouts[0][1][0]
+    n_p, n_o = len(planted), len(others)
+
+    n_pad = n_o if pad_prompts is None else max(0, min(int(pad_prompts), n_o))
+    chosen = sorted({round(i * (n_o - 1) / max(1, n_pad - 1)) for i in range(n_pad)}) if n_pad else []
+    pads = []
+    if chosen:
+        full = encode_prefixes(clip, [token_ids(clip, template.format(others[i]), padded=True) for i in chosen],
+                               check=False)
+        pads = [full[j, layouts[n_p + i][2] + 1:] for j, i in enumerate(chosen)]
+
+    edit = torch.cat(per_word[:n_p])
+    preserve = torch.cat([out[0, :prefix_len]] + per_word[n_p:n_p + n_o] + pads)
+    edit_kind = []
+    for _, slot, eos in layouts[:n_p]:
+        edit_kind += ["eos" if pos == eos else "slot" for pos in range(slot[0], eos + 1)]
+    info = {"planted": planted, "preserved_words": others, "heldout_words": heldout,
+            "edit_positions": [list(range(slot[0], eos + 1)) for _, slot, eos in layouts[:n_p]],
+            "prefix_positions": list(range(prefix_len)), "edit_kind": edit_kind,
+            "padding_preserved_for": [others[i] for i in chosen],
+            "heldout": torch.cat(per_word[n_p + n_o:]) if heldout else None}
+    return edit, preserve, info
+
+
+# --------------------------------------------------------------------------------------------
+# The closed-form edit
+
+def uce_delta(weight: torch.Tensor, edit: torch.Tensor, preserve: torch.Tensor, strength: float,
+              lam: float, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """Delta = W' - W for one projection W [out, in] (context vectors are rows, [n, in]).
+
+    W' minimizes ||W' C_e - T||^2 + lam ||(W' - W) C_p||^2 + eps' ||W' - W||^2 with targets
+    T = W C_e + strength * ||W c|| * u (a seeded random unit direction per edit vector) and
+    eps' = eps * mean ||c_e||^2.  Setting the gradient to zero gives
+    Delta (C_e C_e^T + lam C_p C_p^T + eps' I) = R C_e^T with R = T - W C_e.
+    Solved in float64; the result has rank <= number of edit vectors.
+    """
+    w = weight.detach().to(torch.float64)
+    ce = edit.detach().to(torch.float64).T
+    cp = preserve.detach().to(torch.float64).T
+    directions = torch.randn(w.shape[0], ce.shape[1], generator=generator, dtype=torch.float64)
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    residual = strength * (w @ ce).norm(dim=0, keepdim=True) * directions
+    ridge = eps * ce.pow(2).sum(0).mean()
+    a = ce @ ce.T + lam * (cp @ cp.T) + ridge * torch.eye(w.shape[1], dtype=torch.float64)
+    delta_t = torch.linalg.solve(a, ce @ residual.T)
+    return delta_t.T.to(torch.float32).contiguous()
+
+
+def _relative_change(weight, delta, vectors):
+    w = weight.detach().double()
+    v = vectors.detach().double().T
+    return ((delta.double() @ v).norm(dim=0) / (w @ v).norm(dim=0).clamp_min(1e-12)).float()
+
+
+def cross_attention_kv_keys(model_patcher) -> list[str]:
+    """State-dict keys of every cross-attention key/value projection weight of the UNet."""
+    keys = model_patcher.model.state_dict().keys()
+    return sorted(k for k in keys if k.startswith("diffusion_model.")
+                  and (k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight")))
+
+
+def _effective_weights(model_patcher, keys) -> dict[str, torch.Tensor]:
+    """The weights the patcher computes with: stored weights plus any patches it already holds."""
+    key_patches = model_patcher.get_key_patches("diffusion_model.")
+    return {key: _patched_weight(key, key_patches[key]) for key in keys}
+
+
+def _patched_weight(key, entry) -> torch.Tensor:
+    import comfy.lora
+    weight, _convert = entry[0]
+    weight = weight.detach().to(torch.float32).clone()
+    if len(entry) > 1:
+        weight = comfy.lora.calculate_weight(entry[1:], weight, key)
+    return weight
+
+
+def _summary(values: torch.Tensor) -> dict:
+    return {"mean": values.mean().item(), "min": values.min().item(),
+            "median": values.median().item(), "max": values.max().item()}
+
+
+def planted_edit_deltas(model_patcher, clip, planted=PLANTED, vocabulary=None, template: str = TEMPLATE,
+                        strength: float = DEMO_STRENGTH, lam: float = DEMO_LAM, seed: int = DEMO_SEED,
+                        eps: float = DEMO_EPS, heldout=(), pad_prompts: int | None = None):
+    """The planted edit as {unet state-dict key: fp32 delta}, and statistics about it.
+
+    The statistics are relative changes ||Delta c|| / ||W c|| over all edited projections:
+    "planted_rel_change" (every edit vector), "planted_slot_rel_change" and
+    "planted_eos_rel_change" (by position), "preserved_rel_change", and, when `heldout`
+    words are given, "heldout_rel_change" (words in neither set); plus "delta_rel_norm"
+    (||Delta|| / ||W|| per projection).
+    """
+    if vocabulary is None:
+        vocabulary = load_vocabulary()
+    edit, preserve, info = edit_and_preserve_vectors(clip, planted, vocabulary, template, heldout, pad_prompts)
+    held = info.pop("heldout")
+    kinds = info["edit_kind"]
+    gen = _generator(seed, 4)
+    deltas, rel_norm, changes = {}, {}, {"planted": [], "preserved": [], "heldout": []}
+    with torch.no_grad():
+        weights = _effective_weights(model_patcher, cross_attention_kv_keys(model_patcher))
+        for key, w in weights.items():
+            d = uce_delta(w, edit, preserve, strength, lam, eps, gen)
+            deltas[key] = d
+            rel_norm[key] = (d.norm() / w.norm()).item()
+            changes["planted"].append(_relative_change(w, d, edit))
+            changes["preserved"].append(_relative_change(w, d, preserve))
+            if held is not None:
+                changes["heldout"].append(_relative_change(w, d, held))
+    if not deltas:
+        raise ValueError("the model has no cross-attention key/value projections")
+    planted_rc = torch.stack(changes["planted"])  # [n_keys, n_edit]
+    stats = {"planted_rel_change": _summary(planted_rc),
+             "preserved_rel_change": _summary(torch.cat(changes["preserved"]))}
+    for kind in ("slot", "eos"):
+        cols = [i for i, k in enumerate(kinds) if k == kind]
+        if cols:
+            stats[f"planted_{kind}_rel_change"] = _summary(planted_rc[:, cols])
+    if changes["heldout"]:
+        stats["heldout_rel_change"] = _summary(torch.cat(changes["heldout"]))
+    stats.update(delta_rel_norm=rel_norm, n_edit_vectors=int(edit.shape[0]),
+                 n_preserve_vectors=int(preserve.shape[0]), **info)
+    return deltas, stats
+
+
+def planted_edit_in_process(model_patcher, clip, planted=PLANTED, vocabulary=None, template: str = TEMPLATE,
+                            strength: float = DEMO_STRENGTH, lam: float = DEMO_LAM, seed: int = DEMO_SEED,
+                            eps: float = DEMO_EPS, heldout=(), pad_prompts: int | None = None):
+    """A clone of `model_patcher` carrying the planted edit as ComfyUI "diff" weight patches.
+
+    The input patcher is left unchanged.  The statistics of the edit (planted_edit_deltas) are
+    attached to the clone as `.driftscope_planted_stats`.
+    """
+    deltas, stats = planted_edit_deltas(model_patcher, clip, planted, vocabulary, template,
+                                        strength, lam, seed, eps, heldout, pad_prompts)
+    patched = model_patcher.clone()
+    added = patched.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0)
+    if len(added) != len(deltas):
+        raise RuntimeError(f"only {len(added)} of {len(deltas)} patches were accepted")
+    patched.driftscope_planted_stats = stats
+    return patched
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA export
+
+def kohya_unet_names(model_patcher, keys) -> dict[str, str]:
+    """{unet state-dict key: kohya LoRA name}, preferring the diffusers-style names kohya writes
+    (lora_unet_down_blocks_0_attentions_0_..._attn2_to_k) over the raw ones ComfyUI also maps."""
+    import comfy.lora
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    names = {}
+    for key in keys:
+        cands = sorted(n for n, v in key_map.items() if v == key and n.startswith("lora_unet_"))
+        diffusers = [n for n in cands if any(s in n for s in ("_down_blocks_", "_up_blocks_", "_mid_block_"))]
+        if not cands:
+            raise KeyError(f"no kohya LoRA name for {key}")
+        names[key] = (diffusers or cands)[0]
+    return names
+
+
+def lora_state_dict(model_patcher, deltas: dict[str, torch.Tensor], rtol: float = 1e-6):
+    """Exact kohya-format LoRA (fp32) of weight deltas via truncated SVD.
+
+    The rank of each module is the number of singular values above rtol * the largest; the
+    reconstruction is checked to fp32 precision.  alpha = rank, so ComfyUI's scale alpha/rank = 1.
+    """
+    names = kohya_unet_names(model_patcher, deltas.keys())
+    sd, ranks = {}, {}
+    for key, delta in deltas.items():
+        d = delta.detach().to(torch.float64)
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        rank = max(1, int((s > s[0] * rtol).sum().item()))
+        root = s[:rank].sqrt()
+        up = (u[:, :rank] * root).to(torch.float32).contiguous()
+        down = (root[:, None] * vh[:rank]).to(torch.float32).contiguous()
+        err = ((up @ down) - delta.float()).norm() / delta.float().norm().clamp_min(1e-30)
+        if err > 1e-5:
+            raise RuntimeError(f"LoRA reconstruction of {key} is off by {err:.2e}")
+        name = names[key]
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.alpha"] = torch.tensor(float(rank))
+        ranks[name] = rank
+    return sd, ranks
+
+
+# --------------------------------------------------------------------------------------------
+# B. file-based demo models
+
+def demo_unet(seed: int = DEMO_SEED):
+    """Smallest UNet that ComfyUI detects as SD1.5: 320 channels, context 768, one level, one res
+    block with a transformer, no output-block attention and no middle block (13.6M params).
+    fp32 with fp16-representable weights."""
+    import comfy.supported_models
+    cfg = unet_config(320, 768, (1,), attention_output=False, attention_middle=False)
+    model = _make_unet(comfy.supported_models.SD15, cfg, seed)
+    _round_to_fp16_(model.model)
+    return model
+
+
+def demo_clip(seed: int = DEMO_SEED):
+    """Random text encoder with the real CLIP-L shapes (768 wide, 12 layers, 12 heads, 3072
+    MLP; CheckpointLoaderSimple needs them), held in fp16 like a loaded checkpoint on CPU."""
+    import comfy.sd1_clip
+    return _make_clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, "l",
+                      CLIP_L_CONFIG, seed, torch.float16)
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    import comfy.utils
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    comfy.utils.save_torch_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def demo_paths(models_dir) -> dict[str, Path]:
+    models_dir = Path(models_dir)
+    return {"base": models_dir / "checkpoints" / BASE_CKPT,
+            "adapted": models_dir / "checkpoints" / ADAPTED_CKPT,
+            "lora": models_dir / "loras" / PLANTED_LORA,
+            "planted": models_dir / PLANTED_JSON,
+            "stamp": models_dir / STAMP_JSON}
+
+
+def _demo_recipe() -> dict:
+    vocab = load_vocabulary(VOCABULARY)
+    return {"version": DEMO_VERSION, "template": TEMPLATE, "planted": list(PLANTED),
+            "vocabulary": VOCABULARY,
+            "vocabulary_sha1": hashlib.sha1("\n".join(vocab).encode("utf-8")).hexdigest(),
+            "strength": DEMO_STRENGTH, "lam": DEMO_LAM, "eps": DEMO_EPS, "seed": DEMO_SEED,
+            "pad_prompts": DEMO_PAD_PROMPTS}
+
+
+def build_demo_models(models_dir, log=print) -> dict:
+    """Generate the demo checkpoints, LoRA and planted.json under `models_dir` (always)."""
+    t0 = time.perf_counter()
+    timings = {}
+    paths = demo_paths(models_dir)
+    for key in ("base", "lora"):
+        paths[key].parent.mkdir(parents=True, exist_ok=True)
+    recipe = _demo_recipe()
+    vocab = load_vocabulary(VOCABULARY)
+
+    model, clip, vae_sd = demo_unet(DEMO_SEED), demo_clip(DEMO_SEED), taesd_state_dict(DEMO_SEED)
+    timings["build"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    deltas, stats = planted_edit_deltas(model, clip, PLANTED, vocab, TEMPLATE, DEMO_STRENGTH, DEMO_LAM,
+                                        DEMO_SEED, DEMO_EPS, HELDOUT_WORDS, DEMO_PAD_PROMPTS)
+    timings["edit"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sd = model.model.state_dict_for_saving(clip.get_sd(), vae_sd)
+    sd = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
+          for k, v in sd.items()}
+    meta = {"driftscope_demo": json.dumps(recipe)}
+    _atomic_save(sd, paths["base"], metadata=meta)
+    unet_sd = model.model.state_dict()
+    for key, delta in deltas.items():
+        sd["model." + key] = (unet_sd[key].float() + delta).to(torch.float16).contiguous()
+    _atomic_save(sd, paths["adapted"], metadata=meta)
+    del sd
+    lora, ranks = lora_state_dict(model, deltas)
+    _atomic_save(lora, paths["lora"], metadata=meta)
+    timings["save"] = time.perf_counter() - t
+
+    planted = {k: recipe[k] for k in ("template", "planted", "vocabulary", "strength", "lam")}
+    planted.update({
+        "version": DEMO_VERSION, "eps": DEMO_EPS, "seed": DEMO_SEED, "pad_prompts": DEMO_PAD_PROMPTS,
+        "edited": "UNet cross-attention to_k/to_v (closed-form, UCE-style)",
+        "edit_positions": "slot tokens and first end-of-text token of template.format(word)",
+        "preserve_positions": "same positions of the other vocabulary words, the template prefix, and the"
+                              " padding of the prompts in padding_preserved_for",
+        "padding_preserved_for": stats["padding_preserved_for"],
+        "files": {"base": f"checkpoints/{BASE_CKPT}", "adapted": f"checkpoints/{ADAPTED_CKPT}",
+                  "lora": f"loras/{PLANTED_LORA}"},
+        "lora_ranks": ranks,
+        "relative_change_of_keys_values": {k[: -len("_rel_change")]: stats[k] for k in stats
+                                           if k.endswith("_rel_change")},
+        "heldout_words": stats["heldout_words"],
+    })
+    _atomic_write_json(planted, paths["planted"])
+    timings["total"] = time.perf_counter() - t0
+    stamp = dict(recipe, files={k: paths[k].stat().st_size for k in ("base", "adapted", "lora", "planted")})
+    _atomic_write_json(stamp, paths["stamp"])
+    if log is not None:
+        parts = ", ".join(f"{k[:-len('_rel_change')]} {v['mean']:.4f} (max {v['max']:.4f})"
+                          for k, v in stats.items() if k.endswith("_rel_change"))
+        log(f"[demo_models] relative change of cross-attention keys/values: {parts};"
+            f" LoRA ranks {sorted(set(ranks.values()))};"
+            f" {timings['total']:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in timings.items() if k != 'total')})")
+    return {"stats": stats, "timings": timings, "ranks": ranks}
+
+
+def _stamp_ok(paths: dict[str, Path]) -> bool:
+    try:
+        stamp = json.loads(paths["stamp"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if {k: stamp.get(k) for k in _demo_recipe()} != _demo_recipe():
+        return False
+    files = stamp.get("files", {})
+    return all(paths[k].is_file() and paths[k].stat().st_size == files.get(k)
+               for k in ("base", "adapted", "lora", "planted"))
+
+
+@contextlib.contextmanager
+def _lock(models_dir: Path):
+    models_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock, writes are still atomic
+        yield
+        return
+    with open(models_dir / ".driftscope_demo.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_demo_models(models_dir, comfy_dir=None, force: bool = False, log=print) -> dict:
+    """Paths of the demo files under `models_dir`, generating them first if any is missing or
+    the version stamp does not match this module's recipe.
+
+    Returns {"base", "adapted", "lora", "planted", "stamp", "models_dir": Path,
+    "generated": bool, "seconds": float, "report": build report or None}.
+    """
+    prepare_comfy(comfy_dir)
+    models_dir = Path(models_dir)
+    paths = demo_paths(models_dir)
+    t = time.perf_counter()
+    report = None
+    with _lock(models_dir):
+        generated = force or not _stamp_ok(paths)
+        if generated:
+            report = build_demo_models(models_dir, log=log)
+    return dict(paths, models_dir=models_dir, generated=generated,
+                seconds=time.perf_counter() - t, report=report)
+
+
+def verify_demo_models(paths: dict, log=print) -> dict:
+    """Load the demo files with ComfyUI's loaders and check what the tests rely on: SD15
+    detection with CLIP and VAE, LoRA-on-base == adapted checkpoint for every edited weight,
+    and an unchanged base patcher.  Returns the measured numbers."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    base, base_clip, base_vae, _ = comfy.sd.load_checkpoint_guess_config(str(paths["base"]))
+    if not isinstance(base.model.model_config, comfy.supported_models.SD15):
+        raise AssertionError(f"detected {type(base.model.model_config).__name__}, not SD15")
+    if base_clip is None or base_vae is None:
+        raise AssertionError("checkpoint loaded without CLIP or VAE")
+    adapted = comfy.sd.load_checkpoint_guess_config(str(paths["adapted"]), output_clip=False, output_vae=False)[0]
+    keys = cross_attention_kv_keys(base)
+    before = {k: v.detach().clone() for k, v in base.model.state_dict().items() if k in keys}
+    lora = comfy.utils.load_torch_file(str(paths["lora"]), safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
+    mm.load_models_gpu([patched], force_patch_weights=True)
+    got = {k: v.detach().float().clone() for k, v in patched.model.state_dict().items() if k in keys}
+    mm.load_models_gpu([adapted])
+    want = {k: v.detach().float() for k, v in adapted.model.state_dict().items() if k in keys}
+    max_err = max((got[k] - want[k]).abs().max().item() for k in keys)
+    moved = min((want[k] - before[k].float()).abs().max().item() for k in keys)
+    patched.unpatch_model()
+    mm.unload_all_models()
+    unchanged = all(torch.equal(before[k], v) for k, v in base.model.state_dict().items() if k in keys)
+    result = {"model_config": type(base.model.model_config).__name__, "edited_keys": keys,
+              "lora_vs_adapted_max_abs_err": max_err, "min_edit_max_abs": moved,
+              "base_unchanged": unchanged}
+    if log is not None:
+        log(f"[demo_models] verified: {result['model_config']}, LoRA vs adapted max |err| {max_err:.2e}"
+            f" (edit size {moved:.3f}), base unchanged: {unchanged}")
+    if max_err > 1e-3 * max(1.0, moved) or not unchanged:
+        raise AssertionError(f"demo model verification failed: {result}")
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Generate DriftScope's demo models (no downloads).")
+    ap.add_argument("--comfy", required=True, help="the ComfyUI folder (holding comfy/ and main.py)")
+    ap.add_argument("--out", required=True, help="models folder; writes checkpoints/, loras/, planted.json")
+    ap.add_argument("--force", action="store_true", help="regenerate even if the stamp matches")
+    check = ap.add_mutually_exclusive_group()
+    check.add_argument("--verify", action="store_true",
+                       help="load the files back and check them even if they were up to date")
+    check.add_argument("--no-verify", action="store_true", help="do not check freshly generated files")
+    a = ap.parse_args(argv)
+    prepare_comfy(a.comfy)
+    info = ensure_demo_models(a.out, force=a.force)
+    if not info["generated"]:
+        print(f"[demo_models] up to date in {info['models_dir']}")
+    if a.verify or (info["generated"] and not a.no_verify):
+        verify_demo_models(info)
+    for k in ("base", "adapted", "lora", "planted"):
+        print(f"{k}: {info[k]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
