@@ -78,3 +78,36 @@ def comfy_server(comfy_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy-base")
     with comfy_server_harness.ComfyServer(comfy_dir, base_directory=base) as server:
         yield server
+
+
+def _load_script(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def demo_script():
+    """scripts/demo.py: demo_overrides() and ensure_models()."""
+    return _load_script("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_models_dir(comfy_dir, demo_script) -> Path:
+    """The tiny demo models (generated once, reused across runs: they are stamped)."""
+    models = REPO_ROOT / ".demo" / "comfy" / "models"
+    demo_script.ensure_models(models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def demo_server(comfy_dir, demo_models_dir, tmp_path_factory):
+    """A server whose models folder holds the demo checkpoints and LoRA."""
+    base = tmp_path_factory.mktemp("comfy-demo")
+    (base / "models").symlink_to(demo_models_dir, target_is_directory=True)
+    with comfy_server_harness.ComfyServer(comfy_dir, base_directory=base) as server:
+        yield server
