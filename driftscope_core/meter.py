@@ -7,7 +7,8 @@ network between base and adapted (a LoRA) switches weights as rarely as possible
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,10 +56,19 @@ class DriftMeter:
         runtime: Runtime,
     ):
         self.vocab, self.templates, self.sampling, self.runtime = vocab, templates, sampling, runtime
+        self.schedule = schedule
         self.sigmas = schedule.truncated(sampling.kept_steps).to(runtime.device)
         self.initial_scale = schedule.initial_scale
         self.sides = {s.name: _SideState(s, vocab, templates, runtime) for s in (base, adapted)}
         self.base, self.adapted = self.sides[base.name], self.sides[adapted.name]
+
+    def variant(self, **changes) -> "DriftMeter":
+        """The same meter (same models, caches and counters) with other sampling settings,
+        e.g. a cheaper screen: `meter.variant(kept_steps=1, cfg=1.0)`."""
+        other = copy.copy(self)
+        other.sampling = replace(self.sampling, **changes)
+        other.sigmas = self.schedule.truncated(other.sampling.kept_steps).to(self.runtime.device)
+        return other
 
     # -- shared pieces -------------------------------------------------------------------------
     def _trajectory(self, st: _SideState, noise, cond, mask) -> Trajectory:

@@ -1,6 +1,10 @@
 """Finding the most (or least) drifted words.
 
-- scan: score every candidate on the same noise (the right choice for short lists such as
+- screen (default): every candidate gets a cheap proxy of the drift, the first denoising step of
+  the conditional branch only; the best finalists are then measured in full. At the first step
+  both models see the same noisy latent, so the attention maps differ only through the models
+  themselves: the proxy keeps the drift's ranking at a fraction of the cost.
+- scan: score every candidate in full on the same noise (the right choice for short lists such as
   CIFAR-10, and the exhaustive reference for longer ones).
 - paper: method steps 5-7. A soft prompt is optimized by gradient ascent on the drift with
   AdamW; each run tracks its best word; runs restart with new seeds until K distinct words
@@ -42,6 +46,23 @@ def scan(meter: DriftMeter, settings: AuditSettings, progress: Progress | None =
     drifts = meter.score(indices, seeds, progress).mean(dim=1)  # (C,)
     order = _order(drifts, settings.direction)[: settings.top_k]
     return [Finding(int(i), float(drifts[i])) for i in order]
+
+
+def screen(meter: DriftMeter, settings: AuditSettings, progress: Progress | None = None) -> list[Finding]:
+    """Cheap proxy over every candidate, then the full measurement of the finalists."""
+    indices = list(range(len(meter.vocab)))
+    n_final = max(settings.finalists, 3 * settings.top_k)
+    half = None if progress is None else (lambda d, t: progress(d, 2 * t))
+    if len(indices) > n_final:
+        proxy = meter.variant(kept_steps=1, cfg=1.0)
+        seeds = settings.derived_seeds("screen", settings.screen_seeds)
+        cheap = proxy.score(indices, seeds, half).mean(dim=1)  # (C,)
+        indices = _order(cheap, settings.direction)[:n_final].tolist()
+    rest = None if progress is None else (lambda d, t: progress(t + d, 2 * t))
+    seeds = settings.derived_seeds("search", settings.noise_batch)
+    drifts = meter.score(indices, seeds, rest).mean(dim=1)  # (n_final,)
+    order = _order(drifts, settings.direction)[: settings.top_k]
+    return [Finding(indices[int(i)], float(drifts[i])) for i in order]
 
 
 @dataclass
@@ -110,4 +131,4 @@ def paper_search(meter: DriftMeter, settings: AuditSettings, progress: Progress 
     return ranked[: settings.top_k]
 
 
-SEARCHES = {"scan": scan, "paper": paper_search}
+SEARCHES = {"screen": screen, "scan": scan, "paper": paper_search}

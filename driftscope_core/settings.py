@@ -4,13 +4,13 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, fields, replace
 
-MODES = ("scan", "paper")
+MODES = ("screen", "scan", "paper")
 DIRECTIONS = ("most", "least")
 
 
 @dataclass(frozen=True)
 class AuditSettings:
-    mode: str = "scan"  # scan: score every candidate; paper: soft-prompt gradient search
+    mode: str = "screen"  # screen: cheap proxy then finalists; scan: every candidate in full; paper: soft prompt
     direction: str = "most"  # most: most drifted words; least: least drifted
     objective: str = "attention"  # attention | prediction | latent (objective.py)
     top_k: int = 10  # words to report
@@ -22,6 +22,9 @@ class AuditSettings:
     kept_steps: int = 4
     cfg: float = 7.5
     noise_batch: int = 4  # noise samples per evaluation during the search
+    # screen mode: first-step, conditional-branch proxy for every word, then full finalists
+    screen_seeds: int = 2
+    finalists: int = 32  # at least 3 * top_k
     # method steps 5-7: soft-prompt search (paper: AdamW, lr 0.1, 100 steps)
     opt_steps: int = 100
     lr: float = 0.1

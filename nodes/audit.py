@@ -67,7 +67,7 @@ class DriftScopeAudit(io.ComfyNode):
                 io.Combo.Input("preset", options=list(PRESETS), default="standard",
                                tooltip="Search budget: quick (a first look), standard, paper (the paper's numbers: 4 of 50 steps, CFG 7.5, batch 4, 100 AdamW steps)."),
                 io.Combo.Input("mode", options=["preset", *MODES], default="preset",
-                               tooltip="scan scores every candidate (best for lists up to a few thousand words); paper runs the paper's soft-prompt gradient search; preset uses the preset's mode."),
+                               tooltip="screen (default): a cheap first-step proxy for every word, then the finalists in full; scan: every word in full; paper: the paper's soft-prompt gradient search; preset: the preset's mode."),
                 io.Combo.Input("direction", options=list(DIRECTIONS), default="most",
                                tooltip="most: the most drifted words; least: the words the adaptation left most intact."),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="attention",

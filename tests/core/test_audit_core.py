@@ -23,11 +23,20 @@ def audit(mode="scan", planted=PLANTED, **kw):
     return run_audit(base, adapted, toy_vocab(), tpl, SCHEDULE, settings, Runtime())
 
 
+@pytest.mark.parametrize("mode", ["scan", "screen"])
 @pytest.mark.parametrize("objective", ["attention", "prediction", "latent"])
-def test_scan_ranks_planted_words_first(objective):
-    report = audit(objective=objective)
+def test_scan_and_screen_rank_planted_words_first(objective, mode):
+    report = audit(mode=mode, objective=objective, finalists=12)
     assert {e.token for e in report.entries[:3]} == set(PLANTED)
     assert all(e.significant for e in report.entries[:3])
+
+
+def test_screen_costs_less_than_scan_for_the_same_top_words():
+    scan, screen = audit(mode="scan"), audit(mode="screen", finalists=15)
+    assert [e.token for e in scan.entries[:3]] == [e.token for e in screen.entries[:3]]  # the planted words
+    search = lambda r: r.evaluations["adapted"]["unet_forward"] - (5 + 30) * 3 * 2 * 2  # minus re-scoring  # noqa: E731
+    assert search(screen) == 60 * 2 * 1 + 15 * 2 * 2 * 2  # proxy: 1 step, no guidance; finalists in full
+    assert search(screen) < search(scan) / 1.9
 
 
 def test_paper_mode_finds_planted_words_and_stops_early():
