@@ -78,11 +78,15 @@ class ModelSide:
             return self.text_encoder.encode(embeds).float()
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, probe, runtime: Runtime) -> torch.Tensor:
+        """x0 (B, C, h, w). Every call is a forward pass, including recomputations under
+        gradient checkpointing; backward passes are noted by the caller (note_backward_pending)."""
         self.counts.unet_forward += x.shape[0]
-        if torch.is_grad_enabled():
-            self._pending_unet += x.shape[0]
         with runtime.autocast():
             return self.denoiser(x, sigma, context, probe).float()
+
+    def note_backward_pending(self, latents: int) -> None:
+        """`latents` evaluations were recorded for autograd; they count once backward runs."""
+        self._pending_unet += latents
 
     def count_backward(self) -> None:
         """Call after a backward pass through this side's graph."""

@@ -79,7 +79,10 @@ def run_trajectory(
     keep_x0 = objective == "prediction"
     maps, x0s = [], []
     use_ckpt = runtime.gradient_checkpointing and torch.is_grad_enabled()
+    per_step = x.shape[0] * (1 if cfg == 1.0 else 2)
     for i in range(len(sigmas) - 1):
+        if torch.is_grad_enabled():
+            side.note_backward_pending(per_step)
         args = (side, x, sigmas[i], cond, uncond, cfg, slot_mask, record, runtime)
         if use_ckpt:
             x0, m = checkpoint(_guided_x0, *args, use_reentrant=False)
