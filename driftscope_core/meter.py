@@ -123,11 +123,13 @@ class DriftMeter:
     def _score_group(self, t_idx: int, group: list[int], noise: torch.Tensor) -> torch.Tensor:
         n, n_seeds = len(group), noise.shape[0]
         noise_rep = noise.repeat(n, 1, 1, 1)  # (n*N, C, h, w): word-major, seed-minor
+        shared_text = self.base.side.text_encoder is self.adapted.side.text_encoder
         trajectories = []
         for st in (self.base, self.adapted):
-            cond, mask = self._word_prompts(st, t_idx, group)
-            cond = cond.repeat_interleave(n_seeds, dim=0)  # (n*N, T, D)
-            mask = mask.repeat_interleave(n_seeds, dim=0)  # (n*N, T)
+            if not (shared_text and st is self.adapted):  # one text encoder: encode once for both
+                cond, mask = self._word_prompts(st, t_idx, group)
+                cond = cond.repeat_interleave(n_seeds, dim=0)  # (n*N, T, D)
+                mask = mask.repeat_interleave(n_seeds, dim=0)  # (n*N, T)
             trajectories.append(self._trajectories(st, noise_rep, cond, mask))
         d = drift_per_sample(trajectories[0], trajectories[1], self.sampling.objective)  # (n*N,)
         return d.view(n, n_seeds)  # (n, N)

@@ -143,6 +143,26 @@ def text_side(clip, input_name: str, device: torch.device) -> tuple[ClipTextEnco
     return ClipTextEncoder(weights, config), layout
 
 
+def same_text_encoder(a, b) -> bool:
+    """True when two CLIPs compute the same thing: one network, the same patches, same layer."""
+    pa, pb = a.patcher, b.patcher
+    if a is b:
+        return True
+    if pa.model is not pb.model or a.layer_idx != b.layer_idx or pa.patches.keys() != pb.patches.keys():
+        return False
+    return all(_same_value(pa.patches[k], pb.patches[k]) for k in pa.patches)
+
+
+def _same_value(u, v) -> bool:
+    if u is v:
+        return True
+    if isinstance(u, (list, tuple)) and isinstance(v, (list, tuple)):
+        return len(u) == len(v) and all(_same_value(x, y) for x, y in zip(u, v))
+    if torch.is_tensor(u) or torch.is_tensor(v):
+        return False  # different tensor objects: assume different values
+    return u == v
+
+
 def tokenizer_functions(clip):
     """(tokenize(text) -> BPE ids without start/end, BPE vocabulary dict, reserved ids)."""
     tok = _tokenizer(clip)
@@ -185,7 +205,10 @@ def model_sides(base_model, base_clip, adapted_model, adapted_clip, runtime: Run
     """Both sides for the core; models are cloned (gradient-ready when needed), never modified."""
     sides = []
     for name, model, clip in (("base", base_model, base_clip), ("adapted", adapted_model, adapted_clip)):
-        encoder, layout = text_side(clip, f"{name}_clip", runtime.device)
+        if name == "adapted" and same_text_encoder(base_clip, adapted_clip):
+            encoder, layout = sides[0].text_encoder, sides[0].layout  # e.g. a LoRA without text-encoder keys
+        else:
+            encoder, layout = text_side(clip, f"{name}_clip", runtime.device)
         # the base branch runs without gradients (method step 3)
         patcher = grad_ready_clone(model) if need_grad and name == "adapted" else model.clone()
         sides.append(ModelSide(name, encoder, layout, ComfyDenoiser(patcher)))

@@ -234,3 +234,16 @@ def test_evidence_grid_renders_pairs_of_the_top_words(pack, sd15, sd15_planted):
     assert pairs.shape == (4, 32, 32, 3) and grid.shape[0] == 1 and grid.shape[-1] == 3
     assert torch.isfinite(grid).all() and 0 <= float(grid.min()) and float(grid.max()) <= 1
     assert not torch.equal(pairs[0], pairs[1])  # a planted word's image changed
+
+
+def test_text_encoder_is_shared_only_when_it_computes_the_same(pack, sd15):
+    _, clip, _ = sd15
+    same_text_encoder = pack.nodes.host.same_text_encoder
+    assert same_text_encoder(clip, clip.clone())  # e.g. LoraLoader with a UNet-only LoRA
+    patched = clip.clone()
+    key = next(k for k in patched.patcher.model.state_dict() if k.endswith("layers.0.mlp.fc1.weight"))
+    patched.add_patches({key: ("diff", (torch.ones_like(patched.patcher.model.state_dict()[key]),))}, 1.0)
+    assert not same_text_encoder(clip, patched)
+    skipped = clip.clone()
+    skipped.clip_layer(-2)
+    assert not same_text_encoder(clip, skipped)
