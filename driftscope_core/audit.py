@@ -90,8 +90,9 @@ def run_audit(
     return DriftReport(
         entries=entries,
         settings=settings.as_dict(),
-        seeds={"search": settings.derived_seeds("search", settings.noise_batch), "rescore": rescore_seeds,
-               "calibration_words": [vocab[i].text for i in null_words]},
+        seeds={"search": settings.derived_seeds("search", settings.noise_batch),
+               "screen": settings.derived_seeds("screen", settings.screen_seeds) if settings.mode == "screen" else [],
+               "rescore": rescore_seeds, "calibration_words": [vocab[i].text for i in null_words]},
         models=models or {},
         vocabulary={"name": vocab.name, "size": len(vocab)},
         templates=[t.text for t in templates],
