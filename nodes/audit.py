@@ -13,7 +13,7 @@ from ..driftscope_core.prompts import parse_templates, tokenize_template
 from ..driftscope_core.settings import DIRECTIONS, MODES, PRESETS, settings_from_preset
 from ..driftscope_core.vocabulary import build_vocabulary
 from . import host
-from .progress import node_progress
+from .progress import node_progress, send_text
 from .sockets import DriftReportType
 
 VOCABULARIES = ("cifar100", "cifar10", "coco80", "imagenet1k", "clip_words", "custom")
@@ -104,4 +104,6 @@ class DriftScopeAudit(io.ComfyNode):
             direction=direction, objective=objective, top_k=top_k, seed=seed, width=width, height=height,
         )
         table = report.table()
+        flagged = sum(e.significant for e in report.entries)
+        send_text(f"DriftScope: done in {sum(report.timings.values()):.0f}s, {flagged} flagged", cls.hidden.unique_id)
         return io.NodeOutput(report, table, ui=ui.PreviewText(table))

@@ -19,6 +19,11 @@ def node_progress(node_id: str | None, label: str):
     return callback
 
 
+def send_text(text: str, node_id: str | None) -> None:
+    """Live text on the node (the last one stays visible after the run)."""
+    _send_text(text, node_id)
+
+
 def _send_text(text: str, node_id: str | None) -> None:
     if node_id is None:
         return
