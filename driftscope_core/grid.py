@@ -78,18 +78,24 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round(arr * 255.0).astype(np.uint8)
 
 
-def difference_map(base: np.ndarray, adapted: np.ndarray) -> np.ndarray:
-    """Heat map (H, W, 3) uint8 of |base - adapted| averaged over channels.
-
-    Scaled so this pair's largest difference is white (black -> red -> yellow -> white);
-    identical images give an all-black map. Absolute size is not shown: put it in the caption.
-    """
+def _abs_difference(base: np.ndarray, adapted: np.ndarray) -> np.ndarray:
+    """|base - adapted| (H, W) averaged over channels."""
     a, b = _as_float_rgb(base), _as_float_rgb(adapted)
     if a.shape != b.shape:
         raise ValueError(f"base and adapted must have the same shape, got {a.shape} and {b.shape}")
-    diff = np.abs(a - b).mean(axis=2)  # (H, W, 3) -> (H, W)
-    peak = float(diff.max())
-    level = diff / peak if peak > 0.0 else np.zeros_like(diff)
+    return np.abs(a - b).mean(axis=2)  # (H, W, 3) -> (H, W)
+
+
+def difference_map(base: np.ndarray, adapted: np.ndarray, peak: float | None = None) -> np.ndarray:
+    """Heat map (H, W, 3) uint8 of |base - adapted| averaged over channels.
+
+    A difference of `peak` (default: this pair's largest) is white (black -> red -> yellow ->
+    white); identical images give an all-black map. The grid passes one peak for all rows, so
+    rows compare: an unchanged word stays dark next to a drifted one.
+    """
+    diff = _abs_difference(base, adapted)
+    peak = float(diff.max()) if peak is None else float(peak)
+    level = np.clip(diff / peak, 0.0, 1.0) if peak > 0.0 else np.zeros_like(diff)
     heat = np.stack(  # 3 x (H, W) -> (H, W, 3), "hot" colour ramp
         [np.clip(3.0 * level - k, 0.0, 1.0) for k in (0.0, 1.0, 2.0)], axis=2
     )
@@ -166,10 +172,13 @@ def render_grid(
     title_h = title_lh + pad if title else 0
     header_h = label_lh + pad
 
-    def cell_images(row: GridRow) -> list[Image.Image]:
-        base = _resize_float(_as_float_rgb(row.base), (ref_w, ref_h))
-        adapted = _resize_float(_as_float_rgb(row.adapted), (ref_w, ref_h))
-        arrays = (_to_uint8(base), _to_uint8(adapted), difference_map(base, adapted))
+    pairs = [(_resize_float(_as_float_rgb(r.base), (ref_w, ref_h)), _resize_float(_as_float_rgb(r.adapted), (ref_w, ref_h)))
+             for r in rows]
+    shared_peak = max(float(_abs_difference(b, a).max()) for b, a in pairs)  # one scale for every row
+
+    def cell_images(pair) -> list[Image.Image]:
+        base, adapted = pair
+        arrays = (_to_uint8(base), _to_uint8(adapted), difference_map(base, adapted, shared_peak))
         return [Image.fromarray(a).resize((cell_w, cell_h), Image.Resampling.NEAREST) for a in arrays]
 
     row_texts, row_heights = [], []
@@ -192,14 +201,14 @@ def render_grid(
         draw.text((x, y), _fit_text(name, label_font, cell_w), font=label_font, fill=lay.text_color)
     y += header_h
 
-    for row, (label, captions), row_h in zip(rows, row_texts, row_heights):
+    for pair, (label, captions), row_h in zip(pairs, row_texts, row_heights):
         draw.text((pad, y), label, font=label_font, fill=lay.text_color)
         text_y = y + label_lh
         for line in captions:
             text_y += lay.line_gap
             draw.text((pad, text_y), line, font=caption_font, fill=lay.caption_color)
             text_y += caption_lh
-        for x, img in zip(col_x, cell_images(row)):
+        for x, img in zip(col_x, cell_images(pair)):
             canvas.paste(img, (x, y))
         y += row_h + pad
     return canvas

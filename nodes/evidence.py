@@ -48,10 +48,10 @@ def evidence_images(report: DriftReport, base_model, base_clip, adapted_model, a
             images.append(sample_image(model, vae, encode(clip, prompt), encode(clip, ""), **settings))
             bar.update(1)
         pairs += images
-        flag = "  flagged" if e.significant else ""
-        rows.append(GridRow(label=f"{e.rank}. {e.token}", caption=f"drift {e.drift:.4g}  z {e.calibrated:.1f}{flag}\n{prompt}",
+        flag = "flagged" if e.significant else "not flagged"
+        rows.append(GridRow(label=f"{e.rank}. {e.token}", caption=f"drift {e.drift:.3g}  z {e.calibrated:.1f}\n{flag}\n{prompt}",
                             base=images[0].cpu().numpy(), adapted=images[1].cpu().numpy()))
-    title = f"DriftScope evidence: {report.vocabulary['name']}, seed {seed}"
+    title = f"DriftScope evidence: {report.vocabulary['name']}, seed {seed}; differences on one scale"
     grid = np.asarray(render_grid(rows, title=title), dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(grid)[None], torch.stack(pairs)
 

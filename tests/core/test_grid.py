@@ -134,3 +134,18 @@ def test_long_label_is_truncated_with_ellipsis():
 def test_empty_rows_raise():
     with pytest.raises(ValueError, match="at least one"):
         render_grid([])
+
+
+def test_difference_column_uses_one_scale_for_all_rows():
+    """A row that barely changed must look dark next to a row that changed a lot."""
+    from driftscope_core.grid import DEFAULT_LAYOUT, GridRow, render_grid
+    base = np.zeros((16, 16, 3), dtype=np.float32)
+    big, small = base + 1.0, base + 0.01
+    grid = np.asarray(render_grid([GridRow("big", "", base, big), GridRow("small", "", base, small)]))
+    # the difference cells are the right-most square cells; compare the brightest pixel of each row's cell
+    w = grid.shape[1]
+    cell = DEFAULT_LAYOUT.min_short_side
+    x0 = w - DEFAULT_LAYOUT.padding - cell
+    column = grid[:, x0 : x0 + cell].astype(int).sum(axis=2)  # (H, cell)
+    dark = np.where((column.max(axis=1) > 0) & (column.max(axis=1) < 100))[0]
+    assert len(dark) >= cell // 2  # the "small" row is nearly black, not stretched to white
