@@ -1,0 +1,491 @@
+"""DriftScope benchmark: how right and how cheap an audit is, measured against ground truth.
+
+    python benchmarks/run.py [--quick | --medium] [--modes screen,scan,paper] [--out benchmarks/results]
+
+For every case (cases.py) x search mode x search seed, the DriftScope Audit node's own entry
+point (nodes.audit.audit_models -> driftscope_core.audit.run_audit) runs in process on the case's
+candidate words; the report is compared with the case's ground truth (ground_truth.py, cached).
+Search modes are read from driftscope_core.search.SEARCHES at run time, so a new mode joins
+the table by itself; the default mode is AuditSettings().mode. Writes results.json (every
+figure) and results.md (the tables) to --out and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+if __package__ in (None, ""):  # run as a script: the sibling modules are importable by name
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cases as case_lib  # noqa: E402
+import environment  # noqa: E402
+import ground_truth  # noqa: E402
+import metrics  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results"
+
+# Every audit: the node's default preset, scaled to the tiny models (32 px, a 20-step schedule)
+# and asked for 20 words so that recall@20 can be measured.
+PRESET = "standard"
+COMMON = dict(width=32, height=32, schedule_steps=20, cfg=7.5, top_k=20, direction="most", objective="attention")
+# Per mode, on top of COMMON; a mode not named here runs with the preset's and AuditSettings' defaults.
+MODE_SETTINGS = {
+    # the paper's loop (method.md steps 5-7): 4 kept steps, batch 4, AdamW lr 0.1; fewer steps
+    # (30 instead of 100, patience 8 instead of 20) to fit the tiny models and a CPU
+    "paper": dict(kept_steps=4, noise_batch=4, opt_steps=30, lr=0.1, patience=8, max_runs_factor=2),
+    # the exhaustive cheap screen: every candidate, 2 seeds, 4 kept steps
+    "scan": dict(kept_steps=4, noise_batch=2),
+}
+MICRO_BATCH = 64
+SHOWN_SETTINGS = ("width", "schedule_steps", "kept_steps", "cfg", "noise_batch", "top_k", "rescore_seeds", "calibration_size",
+                  "z_threshold")
+SHOWN_FOR_MODE = {"screen": ("screen_seeds", "finalists"), "paper": ("opt_steps", "lr", "patience", "max_runs_factor", "tau"),
+                  "scan": ()}
+SEARCH_SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    specs: tuple[case_lib.CaseSpec, ...]
+    candidates: int | None  # None: the full filtered vocabulary
+    modes: tuple[str, ...] | None = None  # None: every mode in SEARCHES
+    search_seeds: tuple[int, ...] = SEARCH_SEEDS
+    truth: ground_truth.TruthSettings = field(default_factory=ground_truth.TruthSettings)
+    only_kinds: dict = field(default_factory=dict)  # {mode: kinds it runs on}; other modes run on every case
+    note: str = ""
+
+    def runs_on(self, mode: str, kind: str) -> bool:
+        return kind in self.only_kinds.get(mode, (kind,))
+
+
+def _specs(families, seeds, kinds):
+    return tuple(case_lib.CaseSpec(f, s, k) for f in families for s in seeds for k in kinds)
+
+
+VARIANTS = {
+    # CI smoke test: one planted case, a small candidate set, the default mode and scan
+    "quick": Variant("quick", _specs(["sd15"], [0], ["planted"]), candidates=150, modes=("default", "scan"),
+                     note="one planted case, 150 random candidates + the planted words"),
+    # what fits in well under an hour on a 2-core CPU once the truth is cached
+    # one model seed; the paper mode (about 8 CPU-minutes per audit here) on the planted case only
+    "medium": Variant("medium", _specs(["sd15"], [0], case_lib.KINDS), candidates=2000,
+                      only_kinds={"paper": ("planted",)},
+                      note="SD1.5 model seed 0, all four kinds, 2,000 random candidates + targets; paper mode on the planted case only"),
+    # the issue's benchmark: two model seeds of SD1.5 and an SD2.x case pair
+    "full": Variant("full", _specs(["sd15"], [0, 1], case_lib.KINDS) + _specs(["sd2"], [0], ["planted", "null_identical"]),
+                    candidates=2000, note="SD1.5 model seeds 0 and 1, all four kinds; SD2.x seed 0 planted and identical; "
+                                          "2,000 random candidates + targets"),
+}
+
+
+# -- one audit ------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak resident memory of this process while the block runs (sampled every 10 ms), and the
+    peak CUDA allocation when there is a GPU."""
+
+    def __init__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self.cuda_peak = None
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _watch(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        if torch.cuda.is_available():
+            self.cuda_peak = torch.cuda.max_memory_allocated()
+
+
+def default_mode(env) -> str:
+    return env.core.settings.AuditSettings().mode
+
+
+def available_modes(env) -> list[str]:
+    """Every search mode of driftscope_core, the default first."""
+    modes = list(env.core.search.SEARCHES)
+    first = default_mode(env)
+    return [first] + [m for m in modes if m != first] if first in modes else modes
+
+
+def resolve_modes(env, requested: Sequence[str] | None) -> list[str]:
+    modes = available_modes(env)
+    if not requested:
+        return modes
+    out = []
+    for m in requested:
+        m = default_mode(env) if m == "default" else m
+        if m not in env.core.search.SEARCHES:
+            raise SystemExit(f"unknown mode {m!r}; driftscope_core.search.SEARCHES has {', '.join(modes)}")
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def audit_settings(env, mode: str, seed: int) -> dict:
+    """The overrides an audit of `mode` runs with (only names AuditSettings knows)."""
+    known = {f.name for f in fields(env.core.settings.AuditSettings)}
+    wanted = {**COMMON, **MODE_SETTINGS.get(mode, {}), "seed": seed}
+    return {k: v for k, v in wanted.items() if k in known}
+
+
+def run_one_audit(env, case, mode: str, seed: int) -> dict:
+    import torch
+
+    overrides = audit_settings(env, mode, seed)
+    t = time.perf_counter()
+    with PeakMemory() as mem, torch.inference_mode():  # ComfyUI runs nodes in inference mode
+        report = env.pack.nodes.audit.audit_models(
+            case.base_model, case.base_clip, case.adapted_model, case.adapted_clip,
+            vocabulary="custom", custom_words="\n".join(case.words), templates=case_lib.TEMPLATE, preset=PRESET,
+            mode=mode, scheduler="normal", precision="fp32", micro_batch=MICRO_BATCH, gradient_checkpointing=False,
+            **overrides)
+    wall = time.perf_counter() - t
+    if report.vocabulary["size"] != len(case.words):
+        raise RuntimeError(f"the audit saw {report.vocabulary['size']} words, the case has {len(case.words)}")
+    ev = report.evaluations
+    return {
+        "seed": seed,
+        "tokens": [e.token for e in report.entries],
+        "drift": [e.drift for e in report.entries],
+        "calibrated": [e.calibrated for e in report.entries],
+        "significant": [e.token for e in report.entries if e.significant],
+        "evaluations": ev,
+        "unet_forward": sum(v["unet_forward"] for v in ev.values()),
+        "unet_backward": sum(v["unet_backward"] for v in ev.values()),
+        "text_forward": sum(v["text_forward"] for v in ev.values()),
+        "text_backward": sum(v["text_backward"] for v in ev.values()),
+        "timings": report.timings,
+        "wall_seconds": wall,
+        "peak_rss_mb": mem.peak / 2**20,
+        "peak_rss_increase_mb": (mem.peak - mem.start) / 2**20,
+        "cuda_peak_mb": None if mem.cuda_peak is None else mem.cuda_peak / 2**20,
+        "settings": report.settings,
+    }
+
+
+# -- figures ------------------------------------------------------------------------------------------
+def truth_summary(case, truth: ground_truth.Truth, words: Sequence[str]) -> dict:
+    ranking = truth.ranking(words)
+    means = [truth.mean(w) for w in ranking]
+    degenerate = len(means) < 11 or means[0] == means[-1]
+    half = [truth.half_ranking(words, h) for h in (0, 1)]
+    top = ranking[:20]
+    return {
+        "words": len(words),
+        "degenerate": degenerate,  # every word drifts alike (identical models): no ranking to recover
+        "top20": [{"token": w, "drift": truth.mean(w)} for w in top],
+        "median_drift": sorted(means)[len(means) // 2],
+        "targets_rank": {w: ranking.index(w) + 1 for w in case.targets if w in ranking},
+        "targets_in_top10": sum(w in ranking[:10] for w in case.targets),
+        "self_agreement_at_10": None if degenerate else metrics.overlap_at(half, 10),
+        "cost": truth.cost,
+        "settings": truth.settings,
+        "cache_file": truth.path.name if truth.path else None,
+    }
+
+
+def mode_summary(case, truth: ground_truth.Truth | None, runs: list[dict], truth_ok: bool) -> dict:
+    n = len(case.words)
+    ranking = truth.ranking(case.words) if truth_ok else None
+    per_run = []
+    for r in runs:
+        row = {"seed": r["seed"], "significant": len(r["significant"])}
+        if ranking is not None:
+            row.update(recall_at_10=metrics.recall_at(r["tokens"], ranking, 10),
+                       recall_at_20=metrics.recall_at(r["tokens"], ranking, 20),
+                       spearman_top50=metrics.spearman_top(r["tokens"], ranking, 50))
+        per_run.append(row)
+
+    def avg(key):
+        return metrics.mean([r[key] for r in runs])
+
+    def agg(key):
+        vals = [p[key] for p in per_run if p.get(key) is not None]
+        return {"mean": metrics.mean(vals), "min": min(vals), "max": max(vals)} if vals else None
+
+    sig = [p["significant"] for p in per_run]
+    return {
+        "recall_at_10": agg("recall_at_10"), "recall_at_20": agg("recall_at_20"), "spearman_top50": agg("spearman_top50"),
+        "significant": {"mean": metrics.mean(sig), "max": max(sig),
+                        "per_10k": metrics.per_ten_thousand(metrics.mean(sig), n)},
+        "overlap_at_10": metrics.overlap_at([r["tokens"] for r in runs], 10),
+        "cost": {k: avg(k) for k in ("unet_forward", "unet_backward", "text_forward", "text_backward", "wall_seconds",
+                                     "peak_rss_mb", "peak_rss_increase_mb")}
+                | {"per_model": {side: {k: metrics.mean([r["evaluations"][side][k] for r in runs])
+                                        for k in runs[0]["evaluations"][side]} for side in runs[0]["evaluations"]}},
+        "per_run": per_run,
+    }
+
+
+def targets_check(results: dict) -> list[dict]:
+    """The issue's targets for the default mode, each with the figures it rests on."""
+    mode = results["default_mode"]
+    rows = []
+    by_case = results["cases"]
+    planted = [c for c in by_case if c["kind"] == "planted" and mode in c["modes"]]
+    nulls = [c for c in by_case if c["kind"] in case_lib.NULL_KINDS and mode in c["modes"]]
+    non_null = [c for c in by_case if c["kind"] not in case_lib.NULL_KINDS and mode in c["modes"]]
+    if planted:
+        vals = {c["name"]: c["modes"][mode]["recall_at_10"]["mean"] for c in planted}
+        rows.append({"target": "recall@10 >= 0.9 on every planted case", "figures": vals,
+                     "met": all(v >= 0.9 for v in vals.values())})
+    if nulls:
+        vals = {c["name"]: c["modes"][mode]["significant"]["per_10k"] for c in nulls}
+        rows.append({"target": "at most 1 significant token per 10,000 candidates on null cases", "figures": vals,
+                     "met": all(v <= 1.0 for v in vals.values())})
+    if non_null:
+        vals = {c["name"]: c["modes"][mode]["overlap_at_10"] for c in non_null}
+        rows.append({"target": "top-10 overlap across search seeds >= 0.7 (non-null cases)", "figures": vals,
+                     "met": all(v is not None and v >= 0.7 for v in vals.values())})
+    paired = [c for c in planted if "paper" in c["modes"] and mode != "paper"]
+    if paired:
+        vals, met = {}, True
+        for c in paired:
+            d, p = c["modes"][mode], c["modes"]["paper"]
+            ud = d["cost"]["unet_forward"] + d["cost"]["unet_backward"]
+            up = p["cost"]["unet_forward"] + p["cost"]["unet_backward"]
+            ratio = up / ud if ud else None
+            vals[c["name"]] = {"paper_over_default_unet_evaluations": ratio,
+                               "recall_at_10_default": d["recall_at_10"]["mean"], "recall_at_10_paper": p["recall_at_10"]["mean"]}
+            met &= ratio is not None and ratio >= 10 and d["recall_at_10"]["mean"] >= p["recall_at_10"]["mean"]
+        rows.append({"target": ">= 10x fewer UNet evaluations than paper mode with equal or better recall@10 (planted cases)",
+                     "figures": vals, "met": met})
+    return rows
+
+
+# -- the run ------------------------------------------------------------------------------------------
+def machine_info(env) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        commit = git("rev-parse", "--short", "HEAD")
+        if git("status", "--porcelain", "-uall", "--", "driftscope_core", "nodes", "benchmarks/*.py"):
+            commit += " + uncommitted changes"
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    try:
+        import comfyui_version
+        comfy_version = comfyui_version.__version__
+    except ImportError:
+        comfy_version = None
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": env.threads, "torch": torch.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "python": platform.python_version(),
+            "os": f"{platform.system()} {platform.release()}", "comfyui": comfy_version, "git_commit": commit}
+
+
+def run_benchmark(env, variant: Variant, modes: Sequence[str] | None = None, out_dir: Path | None = DEFAULT_OUT,
+                  cache_dir: Path = ground_truth.CACHE_DIR, log: Callable[[str], None] = print) -> dict:
+    """Build every case, measure its truth, run every mode x search seed, compute the figures;
+    write results.json and results.md to `out_dir` after every case (None: write nothing)."""
+    started = time.perf_counter()
+    modes = resolve_modes(env, modes if modes is not None else variant.modes)
+    builder = case_lib.CaseBuilder(env, variant.candidates, resolution=variant.truth.width, log=log)
+    results = {
+        "variant": variant.name, "note": variant.note,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(env), "modes": modes, "default_mode": default_mode(env),
+        "search_seeds": list(variant.search_seeds), "preset": PRESET, "common_settings": COMMON,
+        "mode_settings": {m: audit_settings(env, m, 0) for m in modes},
+        "only_kinds": {m: list(k) for m, k in variant.only_kinds.items()},
+        "truth_settings": asdict(variant.truth), "cases": [], "targets": [],
+        "seconds": {"cases": 0.0, "truth_this_run": 0.0, "audits": 0.0, "total": 0.0},
+    }
+    for spec in variant.specs:
+        t = time.perf_counter()
+        case = builder.build(spec)
+        results["seconds"]["cases"] += time.perf_counter() - t
+        t = time.perf_counter()
+        truth_words = [] if spec.kind == "null_identical" else case.words  # identical: only what is reported
+        ground_truth.measure(env, case, truth_words, variant.truth, cache_dir, log)
+        results["seconds"]["truth_this_run"] += time.perf_counter() - t
+        runs: dict[str, list[dict]] = {}
+        errors: dict[str, str] = {}
+        for mode in modes:
+            if not variant.runs_on(mode, spec.kind):
+                continue
+            runs[mode] = []
+            for seed in variant.search_seeds:
+                try:
+                    r = run_one_audit(env, case, mode, seed)
+                except Exception as exc:  # a mode that fails is reported, not fatal for the others
+                    errors[mode] = f"{type(exc).__name__}: {exc}"
+                    log(f"[audit] {case.name} {mode} seed {seed}: FAILED {errors[mode]}")
+                    break
+                runs[mode].append(r)
+                results["seconds"]["audits"] += r["wall_seconds"]
+                log(f"[audit] {case.name} {mode} seed {seed}: {r['wall_seconds']:.1f}s, UNet fwd {r['unet_forward']} "
+                    f"bwd {r['unet_backward']}, top {r['tokens'][:5]}, significant {len(r['significant'])}")
+        # every reported word gets a truth (a no-op when the truth covers every candidate)
+        scored = sorted(set(truth_words) | {w for rs in runs.values() for r in rs for w in r["tokens"]})
+        t = time.perf_counter()
+        truth = ground_truth.measure(env, case, scored, variant.truth, cache_dir, log)
+        results["seconds"]["truth_this_run"] += time.perf_counter() - t
+        tsum = truth_summary(case, truth, scored) if scored else None
+        truth_ok = tsum is not None and not tsum["degenerate"]
+        results["cases"].append({
+            "name": case.name, "kind": spec.kind, "family": spec.family, "model_seed": spec.model_seed,
+            "candidates": len(case.words), "targets": list(case.targets), "recipe": case.recipe,
+            "adaptation": case.info, "build_seconds": case.build_seconds, "truth": tsum,
+            "modes": {m: mode_summary(case, truth, rs, truth_ok) for m, rs in runs.items() if rs},
+            "errors": errors,
+            "runs": {m: [{k: v for k, v in r.items() if k != "settings"} for r in rs] for m, rs in runs.items()},
+            "settings_used": {m: rs[0]["settings"] for m, rs in runs.items() if rs},
+        })
+        results["targets"] = targets_check(results)
+        results["seconds"]["total"] = time.perf_counter() - started
+        if out_dir is not None:
+            write(results, Path(out_dir))
+    return results
+
+
+def write(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "results.md").write_text(markdown(results), encoding="utf-8")
+
+
+# -- tables -------------------------------------------------------------------------------------------
+def _f(v, fmt="{:.2f}", none="–"):
+    return none if v is None else fmt.format(v)
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"### DriftScope benchmark, variant `{results['variant']}` ({results['note']})",
+        "",
+        f"{results['date']}; {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch thread(s), "
+        f"{m['device']}; torch {m['torch']}, ComfyUI {m['comfyui']}, commit {m['git_commit']}; "
+        f"{results['seconds']['audits'] / 60:.1f} min of audits, {results['seconds']['truth_this_run'] / 60:.1f} min "
+        f"measuring ground truth (the rest was cached), {results['seconds']['total'] / 60:.1f} min in all. Default mode: `{results['default_mode']}`; "
+        f"search seeds {results['search_seeds']}; figures are means over the search seeds.",
+        "",
+        "| case | mode | R@10 | R@20 | ρ top-50 | significant (per 10k) | top-10 overlap | UNet fwd base / adapted | UNet bwd | text fwd | wall s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results["cases"]:
+        for mode, s in c["modes"].items():
+            pm = s["cost"]["per_model"]
+            r10, r20, rho = (s[k]["mean"] if s[k] else None for k in ("recall_at_10", "recall_at_20", "spearman_top50"))
+            lines.append(
+                f"| {c['name']} | {mode} | {_f(r10)} | {_f(r20)} | {_f(rho)} | "
+                f"{_f(s['significant']['mean'], '{:.1f}')} ({_f(s['significant']['per_10k'], '{:.0f}')}) | "
+                f"{_f(s['overlap_at_10'])} | {_f(pm['base']['unet_forward'], '{:,.0f}')} / {_f(pm['adapted']['unet_forward'], '{:,.0f}')} | "
+                f"{_f(s['cost']['unet_backward'], '{:,.0f}')} | {_f(s['cost']['text_forward'], '{:,.0f}')} | "
+                f"{_f(s['cost']['wall_seconds'], '{:.0f}')} | {_f(s['cost']['peak_rss_mb'], '{:,.0f}')} |")
+        for mode, err in c["errors"].items():
+            lines.append(f"| {c['name']} | {mode} | failed: {err[:120]} |||||||||| |")
+    skipped = [f"`{m}` only on {', '.join(k)} cases" for m, k in results.get("only_kinds", {}).items() if m in results["modes"]]
+    if skipped:
+        lines += ["", "Modes restricted in this variant: " + "; ".join(skipped) + "."]
+    lines += ["", "Settings each mode ran with (the `standard` preset, scaled to the tiny models):", ""]
+    seen = {}
+    for c in results["cases"]:
+        for mode, st in c.get("settings_used", {}).items():
+            seen.setdefault(mode, st)
+    for mode, st in seen.items():
+        keys = SHOWN_SETTINGS + SHOWN_FOR_MODE.get(mode, tuple(k for k in st if k not in SHOWN_SETTINGS))
+        lines.append(f"- `{mode}`: " + ", ".join(f"{k} {st[k]}" for k in keys if k in st and k != "mode"))
+    lines += ["", "Ground truth (every candidate, exhaustive; cached):", "",
+              "| case | candidates | targets in truth top 10 | truth top 5 | truth self-agreement @10 | truth UNet fwd | truth s |",
+              "|---|---|---|---|---|---|---|"]
+    for c in results["cases"]:
+        t = c["truth"]
+        if t is None:
+            lines.append(f"| {c['name']} | {c['candidates']} | – | – | – | – | – |")
+            continue
+        tgt = f"{t['targets_in_top10']}/{len(c['targets'])}" if c["targets"] else "–"
+        top5 = "all 0 (identical models)" if t["degenerate"] else ", ".join(x["token"] for x in t["top20"][:5])
+        lines.append(f"| {c['name']} | {c['candidates']} | {tgt} | {top5} | {_f(t['self_agreement_at_10'])} | "
+                     f"{t['cost']['unet_forward']:,} | {t['cost']['seconds']:.0f} |")
+    if results["targets"]:
+        lines += ["", f"Targets for the default mode (`{results['default_mode']}`):", "", "| target | met | figures |", "|---|---|---|"]
+        for t in results["targets"]:
+            figs = "; ".join(f"{k}: {_fig(v)}" for k, v in t["figures"].items())
+            lines.append(f"| {t['target']} | {'yes' if t['met'] else 'no'} | {figs} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fig(v):
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fig(x)}" for k, x in v.items())
+    return _f(v) if isinstance(v, (int, float)) or v is None else str(v)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="DriftScope benchmark against ground truth (see benchmarks/README.md).")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="one planted case, small candidate set (a few minutes)")
+    size.add_argument("--medium", action="store_true", help="one model seed, all four kinds")
+    ap.add_argument("--modes", default=None, help="comma-separated search modes ('default' = AuditSettings().mode); "
+                                                   "default: the variant's modes (full/medium: every mode in SEARCHES)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md "
+                                                           "(default: benchmarks/results/<variant>)")
+    ap.add_argument("--cases", default=None, help="comma-separated case names to run (default: all of the variant's)")
+    ap.add_argument("--cache", type=Path, default=ground_truth.CACHE_DIR, help="ground-truth cache folder")
+    ap.add_argument("--comfy", default=None, help=f"ComfyUI folder (default: ${environment.COMFY_ENV} or .comfyui/ComfyUI)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings)")
+    a = ap.parse_args(argv)
+    variant = VARIANTS["quick" if a.quick else "medium" if a.medium else "full"]
+    env = environment.load(a.comfy, threads=a.threads)
+    modes = a.modes.split(",") if a.modes else None
+    if a.cases:
+        wanted = a.cases.split(",")
+        unknown = set(wanted) - {s.name for s in variant.specs}
+        if unknown:
+            raise SystemExit(f"unknown case(s) {', '.join(sorted(unknown))}; the {variant.name} variant has "
+                             f"{', '.join(s.name for s in variant.specs)}")
+        variant = replace(variant, specs=tuple(s for s in variant.specs if s.name in wanted))
+    out = a.out or DEFAULT_OUT / variant.name
+    results = run_benchmark(env, variant, modes, out, a.cache)
+    print()
+    print(markdown(results))
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
