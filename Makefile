@@ -14,7 +14,7 @@ demo: setup
 ## The whole test suite: core (plain torch), nodes (in-process ComfyUI), live server and browser.
 ## pytest's exit code 5 (no tests collected) fails like any other error.
 test: setup
-	$(PY) -m pytest -q --timeout=1200 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -q --timeout=1200 --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 ## Core and in-process node tests only (no server, no browser).
