@@ -84,10 +84,12 @@ VARIANTS = {
     "medium": Variant("medium", _specs(["sd15"], [0], case_lib.KINDS), candidates=2000,
                       only_kinds={"paper": ("planted",)},
                       note="SD1.5 model seed 0, all four kinds, 2,000 random candidates + targets; paper mode on the planted case only"),
-    # the issue's benchmark: two model seeds of SD1.5 and an SD2.x case pair
+    # the issue's benchmark: two model seeds of SD1.5 and an SD2.x pair; paper mode on the adapted
+    # (non-null) cases only
     "full": Variant("full", _specs(["sd15"], [0, 1], case_lib.KINDS) + _specs(["sd2"], [0], ["planted", "null_identical"]),
-                    candidates=2000, note="SD1.5 model seeds 0 and 1, all four kinds; SD2.x seed 0 planted and identical; "
-                                          "2,000 random candidates + targets"),
+                    candidates=2000, only_kinds={"paper": ("planted", "lora_trained")},
+                    note="SD1.5 model seeds 0 and 1, all four kinds; SD2.x seed 0 planted and identical; "
+                         "2,000 random candidates + targets; paper mode on planted and LoRA cases only"),
 }
 
 
@@ -189,12 +191,24 @@ def run_one_audit(env, case, mode: str, seed: int) -> dict:
         "text_forward": sum(v["text_forward"] for v in ev.values()),
         "text_backward": sum(v["text_backward"] for v in ev.values()),
         "timings": report.timings,
+        # not counted by the report (its counts are per model, not per stage): the re-scoring stage's
+        # UNet forward passes follow from its settings
+        "rescore_unet_forward_derived": rescore_evaluations(report),
         "wall_seconds": wall,
         "peak_rss_mb": mem.peak / 2**20,
         "peak_rss_increase_mb": (mem.peak - mem.start) / 2**20,
         "cuda_peak_mb": None if mem.cuda_peak is None else mem.cuda_peak / 2**20,
         "settings": report.settings,
     }
+
+
+def rescore_evaluations(report) -> int:
+    """UNet forward passes of the re-scoring stage, both models: every reported and calibration
+    word on every re-scoring seed and kept step, two per guided step."""
+    st = report.settings
+    words = len(report.entries) + len(report.seeds.get("calibration_words", []))
+    per_step = 1 if st["cfg"] == 1.0 else 2
+    return 2 * words * len(report.seeds["rescore"]) * st["kept_steps"] * per_step
 
 
 # -- figures ------------------------------------------------------------------------------------------
@@ -244,7 +258,7 @@ def mode_summary(case, truth: ground_truth.Truth | None, runs: list[dict], truth
                         "per_10k": metrics.per_ten_thousand(metrics.mean(sig), n)},
         "overlap_at_10": metrics.overlap_at([r["tokens"] for r in runs], 10),
         "cost": {k: avg(k) for k in ("unet_forward", "unet_backward", "text_forward", "text_backward", "wall_seconds",
-                                     "peak_rss_mb", "peak_rss_increase_mb")}
+                                     "peak_rss_mb", "peak_rss_increase_mb", "rescore_unet_forward_derived")}
                 | {"per_model": {side: {k: metrics.mean([r["evaluations"][side][k] for r in runs])
                                         for k in runs[0]["evaluations"][side]} for side in runs[0]["evaluations"]}},
         "per_run": per_run,
@@ -403,8 +417,8 @@ def markdown(results: dict) -> str:
         f"measuring ground truth (the rest was cached), {results['seconds']['total'] / 60:.1f} min in all. Default mode: `{results['default_mode']}`; "
         f"search seeds {results['search_seeds']}; figures are means over the search seeds.",
         "",
-        "| case | mode | R@10 | R@20 | ρ top-50 | significant (per 10k) | top-10 overlap | UNet fwd base / adapted | UNet bwd | text fwd | wall s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | mode | R@10 | R@20 | ρ top-50 | significant (per 10k) | top-10 overlap | UNet fwd base / adapted | UNet bwd | UNet total | text fwd / bwd | wall s | peak RSS MB (+Δ) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cases"]:
         for mode, s in c["modes"].items():
@@ -414,10 +428,12 @@ def markdown(results: dict) -> str:
                 f"| {c['name']} | {mode} | {_f(r10)} | {_f(r20)} | {_f(rho)} | "
                 f"{_f(s['significant']['mean'], '{:.1f}')} ({_f(s['significant']['per_10k'], '{:.0f}')}) | "
                 f"{_f(s['overlap_at_10'])} | {_f(pm['base']['unet_forward'], '{:,.0f}')} / {_f(pm['adapted']['unet_forward'], '{:,.0f}')} | "
-                f"{_f(s['cost']['unet_backward'], '{:,.0f}')} | {_f(s['cost']['text_forward'], '{:,.0f}')} | "
-                f"{_f(s['cost']['wall_seconds'], '{:.0f}')} | {_f(s['cost']['peak_rss_mb'], '{:,.0f}')} |")
+                f"{_f(s['cost']['unet_backward'], '{:,.0f}')} | {_f(s['cost']['unet_forward'] + s['cost']['unet_backward'], '{:,.0f}')} | "
+                f"{_f(s['cost']['text_forward'], '{:,.0f}')} / {_f(s['cost']['text_backward'], '{:,.0f}')} | "
+                f"{_f(s['cost']['wall_seconds'], '{:.0f}')} | {_f(s['cost']['peak_rss_mb'], '{:,.0f}')} "
+                f"(+{_f(s['cost']['peak_rss_increase_mb'], '{:,.0f}')}) |")
         for mode, err in c["errors"].items():
-            lines.append(f"| {c['name']} | {mode} | failed: {err[:120]} |||||||||| |")
+            lines.append(f"| {c['name']} | {mode} | failed: {err[:120]} |||||||||||")
     skipped = [f"`{m}` only on {', '.join(k)} cases" for m, k in results.get("only_kinds", {}).items() if m in results["modes"]]
     if skipped:
         lines += ["", "Modes restricted in this variant: " + "; ".join(skipped) + "."]
@@ -468,7 +484,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=ground_truth.CACHE_DIR, help="ground-truth cache folder")
     ap.add_argument("--comfy", default=None, help=f"ComfyUI folder (default: ${environment.COMFY_ENV} or .comfyui/ComfyUI)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings)")
+    ap.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="only print the tables of an earlier run's results.json (and rewrite its results.md)")
     a = ap.parse_args(argv)
+    if a.render:
+        results = json.loads(a.render.read_text(encoding="utf-8"))
+        a.render.with_name("results.md").write_text(markdown(results), encoding="utf-8")
+        print(markdown(results))
+        return 0
     variant = VARIANTS["quick" if a.quick else "medium" if a.medium else "full"]
     env = environment.load(a.comfy, threads=a.threads)
     modes = a.modes.split(",") if a.modes else None
