@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-quick clean
 
 setup:
 	bash scripts/setup.sh --browser
@@ -20,6 +20,13 @@ test: setup
 ## Core and in-process node tests only (no server, no browser).
 test-fast: setup
 	$(PY) -m pytest -q tests/core tests/nodes $(PYTEST_ARGS)
+
+## Accuracy and cost of every search mode against exhaustive ground truth (benchmarks/README.md).
+bench: setup
+	$(PY) benchmarks/run.py --medium
+
+bench-quick: setup
+	$(PY) benchmarks/run.py --quick
 
 clean:
 	rm -rf .demo
