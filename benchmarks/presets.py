@@ -10,8 +10,6 @@ K words; --paper-top-k keeps that affordable on a CPU (the figures say which K w
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,22 +21,6 @@ COMFY_DIR = ROOT / ".comfyui" / "ComfyUI"
 MODELS = ROOT / ".demo" / "comfy" / "models"
 
 
-def _import_pack():
-    sys.path.insert(0, str(COMFY_DIR))
-    import torch
-    from comfy.cli_args import args
-
-    if not torch.cuda.is_available():
-        args.cpu = True
-    args.use_pytorch_cross_attention = True
-    spec = importlib.util.spec_from_file_location("DriftScope", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["DriftScope"] = pack
-    spec.loader.exec_module(pack)
-    importlib.import_module("DriftScope.nodes")
-    return pack
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="quick,standard,paper")
@@ -47,7 +29,10 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_models.py"), "--comfy", str(COMFY_DIR), "--out", str(MODELS)],
                    check=True, stdout=subprocess.DEVNULL)
-    pack = _import_pack()
+    sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ modules import each other by name
+    import environment  # in-process ComfyUI with the pack loaded as "DriftScope"
+
+    pack = environment.load(COMFY_DIR, threads=None).pack
     import torch
     import comfy.sd
     import comfy.utils
