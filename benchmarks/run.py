@@ -331,11 +331,21 @@ def machine_info(env) -> dict:
 
 
 def run_benchmark(env, variant: Variant, modes: Sequence[str] | None = None, out_dir: Path | None = DEFAULT_OUT,
-                  cache_dir: Path = ground_truth.CACHE_DIR, log: Callable[[str], None] = print) -> dict:
+                  cache_dir: Path = ground_truth.CACHE_DIR, log: Callable[[str], None] = print,
+                  previous: dict | None = None) -> dict:
     """Build every case, measure its truth, run every mode x search seed, compute the figures;
-    write results.json and results.md to `out_dir` after every case (None: write nothing)."""
+    write results.json and results.md to `out_dir` after every case (None: write nothing).
+    `previous`: an interrupted run's results of the same variant and modes; its finished cases
+    are kept as they are and only the others run."""
     started = time.perf_counter()
     modes = resolve_modes(env, modes if modes is not None else variant.modes)
+    done: dict[str, dict] = {}
+    if previous is not None:
+        if previous.get("variant") != variant.name or previous.get("modes") != modes:
+            raise SystemExit(f"cannot resume: the earlier run was variant {previous.get('variant')!r} with modes "
+                             f"{previous.get('modes')}, this one is {variant.name!r} with {modes}")
+        wanted = {s.name for s in variant.specs}
+        done = {c["name"]: c for c in previous["cases"] if c["name"] in wanted}
     builder = case_lib.CaseBuilder(env, variant.candidates, resolution=variant.truth.width, log=log)
     results = {
         "variant": variant.name, "note": variant.note,
@@ -347,7 +357,15 @@ def run_benchmark(env, variant: Variant, modes: Sequence[str] | None = None, out
         "truth_settings": asdict(variant.truth), "cases": [], "targets": [],
         "seconds": {"cases": 0.0, "truth_this_run": 0.0, "audits": 0.0, "total": 0.0},
     }
+    if done:
+        results["resumed"] = {"from": previous["date"], "machine": previous["machine"], "cases_kept": list(done)}
+        results["seconds"] = {k: previous["seconds"][k] for k in results["seconds"]}
+    carried = results["seconds"]["total"]
     for spec in variant.specs:
+        if spec.name in done:
+            log(f"[resume] {spec.name}: kept from the run of {previous['date']}")
+            results["cases"].append(done[spec.name])
+            continue
         t = time.perf_counter()
         case = builder.build(spec)
         results["seconds"]["cases"] += time.perf_counter() - t
@@ -389,7 +407,7 @@ def run_benchmark(env, variant: Variant, modes: Sequence[str] | None = None, out
             "settings_used": {m: rs[0]["settings"] for m, rs in runs.items() if rs},
         })
         results["targets"] = targets_check(results)
-        results["seconds"]["total"] = time.perf_counter() - started
+        results["seconds"]["total"] = carried + time.perf_counter() - started
         if out_dir is not None:
             write(results, Path(out_dir))
     return results
@@ -411,7 +429,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"### DriftScope benchmark, variant `{results['variant']}` ({results['note']})",
         "",
-        f"{results['date']}; {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch thread(s), "
+        f"{results['date']}{_resumed(results)}; {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch thread(s), "
         f"{m['device']}; torch {m['torch']}, ComfyUI {m['comfyui']}, commit {m['git_commit']}; "
         f"{results['seconds']['audits'] / 60:.1f} min of audits, {results['seconds']['truth_this_run'] / 60:.1f} min "
         f"measuring ground truth (the rest was cached), {results['seconds']['total'] / 60:.1f} min in all. Default mode: `{results['default_mode']}`; "
@@ -465,6 +483,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _resumed(results: dict) -> str:
+    r = results.get("resumed")
+    if not r:
+        return ""
+    return f" (resumed; {', '.join(r['cases_kept'])} from the run of {r['from']}, commit {r['machine']['git_commit']})"
+
+
 def _fig(v):
     if isinstance(v, dict):
         return ", ".join(f"{k} {_fig(x)}" for k, x in v.items())
@@ -484,6 +509,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=ground_truth.CACHE_DIR, help="ground-truth cache folder")
     ap.add_argument("--comfy", default=None, help=f"ComfyUI folder (default: ${environment.COMFY_ENV} or .comfyui/ComfyUI)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished cases of an interrupted run's results.json in --out and run the rest")
     ap.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                     help="only print the tables of an earlier run's results.json (and rewrite its results.md)")
     a = ap.parse_args(argv)
@@ -503,7 +530,10 @@ def main(argv=None) -> int:
                              f"{', '.join(s.name for s in variant.specs)}")
         variant = replace(variant, specs=tuple(s for s in variant.specs if s.name in wanted))
     out = a.out or DEFAULT_OUT / variant.name
-    results = run_benchmark(env, variant, modes, out, a.cache)
+    previous = None
+    if a.resume and (out / "results.json").is_file():
+        previous = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results = run_benchmark(env, variant, modes, out, a.cache, previous=previous)
     print()
     print(markdown(results))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
