@@ -198,6 +198,11 @@ def train_lora(model, clip, vae, seed: int, size: int, settings: dict = LORA_TRA
 def diffuse_patches(model, relative: float, seed: int):
     """A clone with a seeded Gaussian "diff" patch on every non-zero UNet parameter
     (std = relative * the parameter's RMS; zero-initialized biases have no scale and stay)."""
+    import comfy.model_management
+
+    # another case's patcher may still be loaded, i.e. its patches applied in place: read the
+    # stored weights, not that case's
+    comfy.model_management.unload_all_models()
     g = torch.Generator().manual_seed(seed)
     patches, skipped = {}, 0
     for name, p in sorted(model.model.diffusion_model.named_parameters()):
