@@ -29,8 +29,7 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_models.py"), "--comfy", str(COMFY_DIR), "--out", str(MODELS)],
                    check=True, stdout=subprocess.DEVNULL)
-    sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ modules import each other by name
-    import environment  # in-process ComfyUI with the pack loaded as "DriftScope"
+    import environment  # benchmarks/environment.py, next to this file: in-process ComfyUI with the pack
 
     pack = environment.load(COMFY_DIR, threads=None).pack
     import torch

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -37,13 +36,6 @@ DEMO_AUDIT = {"preset": "quick", "width": 64, "height": 64, "micro_batch": 32}
 DEMO_GRID = {"steps": 8}
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def demo_overrides(prompt: dict, workflow: str = "lora_side_effects") -> dict:
     """A copy of an API-format workflow with the demo models and the demo budget swapped in."""
     out = copy.deepcopy(prompt)
@@ -64,7 +56,7 @@ def ensure_models(models_dir: Path) -> dict:
 
 
 def run_demo(workflow: str, work_dir: Path, timeout: float = 1200.0) -> int:
-    harness = _load("comfy_server", ROOT / "scripts" / "comfy_server.py")
+    import comfy_server as harness  # scripts/comfy_server.py, next to this file
     base_dir = work_dir / "comfy"
     t0 = time.perf_counter()
     planted = ensure_models(base_dir / "models")

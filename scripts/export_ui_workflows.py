@@ -14,7 +14,6 @@ package playwright; no browser is downloaded. No models are needed: the editor o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -119,16 +118,6 @@ OVERLAPS_JS = """() => {
 }"""
 
 
-def _load_harness():
-    if "comfy_server" in sys.modules:  # already loaded by path (the live tests do that)
-        return sys.modules["comfy_server"]
-    spec = importlib.util.spec_from_file_location("comfy_server", ROOT / "scripts" / "comfy_server.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfy_server"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def find_chromium() -> str:
     """The system Chromium (env CHROMIUM overrides); never a downloaded one."""
     for candidate in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
@@ -176,7 +165,7 @@ def load_and_layout(page, api: dict, filename: str) -> dict:
 def export(names=None, screenshots: Path | None = None, out_dir: Path = UI_DIR) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
-    harness = _load_harness()
+    import comfy_server as harness  # scripts/comfy_server.py, next to this file
     sources = sorted(API_DIR.glob("*.json"))
     if names:
         sources = [p for p in sources if p.stem in set(names)]

@@ -5,32 +5,14 @@ is missing the live tests are skipped, except in CI (env var CI set), where a
 missing ComfyUI is an error.
 """
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
+import comfy_server as comfy_server_harness  # scripts/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = REPO_ROOT / ".comfyui" / "ComfyUI"
-
-
-def _load_harness():
-    # scripts/ is a folder of standalone scripts, not an importable package, and
-    # the tests must not edit sys.path: load the harness file by its path. It is
-    # registered in sys.modules so that its classes pickle and compare normally.
-    name = "comfy_server"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / "comfy_server.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-comfy_server_harness = _load_harness()
 
 
 def _in_ci() -> bool:
@@ -80,20 +62,12 @@ def comfy_server(comfy_dir, tmp_path_factory):
         yield server
 
 
-def _load_script(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def demo_script():
     """scripts/demo.py: demo_overrides() and ensure_models()."""
-    return _load_script("demo")
+    import demo
+
+    return demo
 
 
 @pytest.fixture(scope="session")

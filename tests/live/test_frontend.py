@@ -9,11 +9,9 @@ queueing the LoRA demo from the editor shows the ranked table on the Audit node.
 Chromium comes from the system (Debian package `chromium`), never downloaded. Without it, or
 without playwright, the tests skip locally and fail in CI (env CI set).
 """
-import importlib.util
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -43,25 +41,12 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
-def _load_script(name: str):
-    # scripts/ is not a package; load by path (as conftest.py does for the harness).
-    if name in sys.modules:
-        return sys.modules[name]
-    path = ROOT / "scripts" / f"{name}.py"
-    if not path.is_file():
-        pytest.fail(f"{path.relative_to(ROOT)} is missing")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def exporter():
     """scripts/export_ui_workflows.py: opens the editor the same way the export does."""
-    module = _load_script("export_ui_workflows")
+    import export_ui_workflows as module
+
     try:
         module.find_chromium()
     except FileNotFoundError as e:
