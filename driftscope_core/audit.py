@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .calibration import Baseline, spread
+from .calibration import Baseline, spread, z_threshold
 from .meter import DriftMeter, SamplingSettings
 from .models import ModelSide, Runtime
 from .prompts import Template
@@ -20,17 +20,31 @@ from .vocabulary import Vocabulary
 Callback = Callable[[dict], None]
 
 # Share of the progress bar each stage gets.
-STAGE_WEIGHTS = {"search": 0.7, "rescore": 0.3}
+STAGE_WEIGHTS = {"search": 0.7, "rescore": 0.15, "calibrate": 0.15}
 
 
 class _Stages:
-    """Turns per-stage (done, total) into one overall fraction for a callback(dict)."""
+    """Turns per-stage (done, total) into one overall fraction for a callback(dict), and
+    records each stage's evaluations per model side."""
 
-    def __init__(self, callback: Callback | None):
-        self.callback = callback
+    def __init__(self, callback: Callback | None, sides: tuple[ModelSide, ...]):
+        self.callback, self.sides = callback, sides
         self.offset = 0.0
+        self.evaluations: dict[str, dict] = {}
+        self._current: tuple[str, dict] | None = None
+
+    def close(self) -> None:
+        if self._current is not None:
+            name, before = self._current
+            self.evaluations[name] = {
+                s.name: {k: v - before[s.name][k] for k, v in s.counts.as_dict().items()} for s in self.sides
+            }
+            self._current = None
 
     def stage(self, name: str):
+        """Start stage `name` (ending the previous one) and return its progress function."""
+        self.close()
+        self._current = (name, {s.name: s.counts.as_dict() for s in self.sides})
         weight, start = STAGE_WEIGHTS[name], self.offset
         self.offset += weight
 
@@ -62,7 +76,7 @@ def run_audit(
         cfg=settings.cfg,
         objective=settings.objective,
     )
-    stages = _Stages(callback)
+    stages = _Stages(callback, (base, adapted))
     timings: dict[str, float] = {}
     meter = DriftMeter(base, adapted, vocab, templates, schedule, sampling, runtime)
 
@@ -72,46 +86,69 @@ def run_audit(
 
     t = time.perf_counter()
     reported = [f.index for f in findings]
-    null_words = vocab.sample(settings.calibration_size, settings.seed, exclude=reported)
     rescore_seeds = settings.derived_seeds("rescore", settings.rescore_seeds)
-    drifts = meter.score(reported + null_words, rescore_seeds, stages.stage("rescore"))  # (n, R)
+    drifts = _rescore(meter, findings, rescore_seeds, stages.stage("rescore"))  # (n, R)
     timings["rescore"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    null_words = vocab.sample(settings.calibration_size, settings.seed, exclude=reported)
+    calibration_seeds = settings.derived_seeds("calibration", settings.calibration_seeds)
+    null_means = meter.score(null_words, calibration_seeds, stages.stage("calibrate")).mean(dim=1)  # (M,)
+    timings["calibrate"] = time.perf_counter() - t
+    stages.close()
+
     notes = []
-    null_means = drifts[len(reported):].mean(dim=1)
     if null_means.numel() < 8:
         notes.append(
             f"only {null_means.numel()} words were left for calibration; the baseline also uses the "
             "reported words, so calibrated scores are weak. Use a larger vocabulary."
         )
-        null_means = drifts.mean(dim=1)
+        null_means = torch.cat([null_means, drifts.mean(dim=1)])
     baseline = Baseline.from_drifts(null_means)
-    entries = _entries(vocab, findings, drifts[: len(reported)], baseline, null_means, settings)
+    threshold = z_threshold(settings.false_alarms, len(vocab))
+    entries = _entries(vocab, findings, drifts, baseline, null_means, threshold, settings.direction)
     return DriftReport(
         entries=entries,
         settings=settings.as_dict(),
         seeds={"search": settings.derived_seeds("search", settings.noise_batch),
                "screen": settings.derived_seeds("screen", settings.screen_seeds) if settings.mode == "screen" else [],
-               "rescore": rescore_seeds, "calibration_words": [vocab[i].text for i in null_words]},
+               "rescore": rescore_seeds, "calibration": calibration_seeds,
+               "calibration_words": [vocab[i].text for i in null_words]},
         models=models or {},
         vocabulary={"name": vocab.name, "size": len(vocab)},
         templates=[t.text for t in templates],
-        baseline=baseline.__dict__,
+        baseline={**baseline.__dict__, "z_threshold": threshold},
         timings=timings,
         evaluations={base.name: base.counts.as_dict(), adapted.name: adapted.counts.as_dict()},
+        evaluations_by_stage=stages.evaluations,
         notes=notes + [f"driftscope {__version__}"],
     )
 
 
-def _entries(vocab, findings, drifts, baseline: Baseline, null_means, settings: AuditSettings) -> list[ReportEntry]:
+def _rescore(meter: DriftMeter, findings, seeds: list[int], progress) -> torch.Tensor:
+    """Drift (n, R) of every finding on the shared re-scoring seeds: measured here, unless the
+    search already measured it there (screen mode's finalists)."""
+    todo = [j for j, f in enumerate(findings) if f.rescored is None]
+    out = torch.zeros(len(findings), len(seeds))
+    if todo:
+        out[todo] = meter.score([findings[j].index for j in todo], seeds, progress)  # (len(todo), R)
+    elif progress is not None:
+        progress(1, 1)
+    for j, f in enumerate(findings):
+        if f.rescored is not None:
+            out[j] = f.rescored
+    return out
+
+
+def _entries(vocab, findings, drifts, baseline: Baseline, null_means, threshold: float, direction: str) -> list[ReportEntry]:
     """Rank the reported words by their re-scored drift and attach calibrated scores."""
     means = drifts.mean(dim=1)  # (n,)
-    order = torch.argsort(means, descending=(settings.direction == "most"))
+    order = torch.argsort(means, descending=(direction == "most"))
     entries = []
     for rank, j in enumerate(order.tolist(), start=1):
         f, m = findings[j], float(means[j])
         z = baseline.z(m)
-        flagged = z >= settings.z_threshold if settings.direction == "most" else z <= -settings.z_threshold
+        flagged = z >= threshold if direction == "most" else z <= -threshold
         entries.append(ReportEntry(
             rank=rank,
             token=vocab[f.index].text,
@@ -122,7 +159,7 @@ def _entries(vocab, findings, drifts, baseline: Baseline, null_means, settings: 
             calibrated=z,
             percentile=baseline.percentile(null_means, m),
             significant=bool(flagged),
-            direction=settings.direction,
+            direction=direction,
             search_drift=f.search_drift,
         ))
     return entries

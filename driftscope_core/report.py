@@ -6,7 +6,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: calibrated scores on log drift, baseline log_scale
 CSV_COLUMNS = ("rank", "token", "token_ids", "drift", "spread", "calibrated", "percentile", "significant", "direction", "search_drift")
 
 
@@ -18,7 +18,7 @@ class ReportEntry:
     drift: float  # mean drift on the shared re-scoring seeds
     spread: float  # standard deviation of the drift across those seeds
     per_seed: list[float]
-    calibrated: float  # robust z-score against random words (calibration.py)
+    calibrated: float  # robust z-score of log drift against random words (calibration.py)
     percentile: float  # share of random words with lower or equal drift, in percent
     significant: bool
     direction: str  # "most" or "least"
@@ -36,6 +36,7 @@ class DriftReport:
     baseline: dict  # calibration.Baseline as a dict
     timings: dict  # seconds per stage
     evaluations: dict  # {"base": EvaluationCounts, "adapted": ...}
+    evaluations_by_stage: dict = field(default_factory=dict)  # {"search" | "rescore" | "calibrate": {side: counts}}
     version: int = REPORT_VERSION
     notes: list[str] = field(default_factory=list)
 
@@ -72,5 +73,5 @@ class DriftReport:
             flag = "*" if e.significant else ""
             lines.append(f"{e.rank:>3}  {e.token[:20]:<20} {e.drift:>10.4g} {e.spread:>9.2g} {e.calibrated:>7.1f}  {flag}")
         b = self.baseline
-        lines.append(f"baseline: {b['size']} random words, median {b['median']:.4g}, robust sd {b['scale']:.2g}; * = z >= {self.settings.get('z_threshold')}")
+        lines.append(f"baseline: {b['size']} random words, median {b['median']:.4g}, robust sd of log drift {b['log_scale']:.2g}; * = z >= {b['z_threshold']:.2f}")
         return "\n".join(lines)

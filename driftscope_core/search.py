@@ -1,9 +1,10 @@
 """Finding the most (or least) drifted words.
 
 - screen (default): every candidate gets a cheap proxy of the drift, the first denoising step of
-  the conditional branch only; the best finalists are then measured in full. At the first step
-  both models see the same noisy latent, so the attention maps differ only through the models
-  themselves: the proxy keeps the drift's ranking at a fraction of the cost.
+  the conditional branch only; the best finalists are then measured in full, on the re-scoring
+  seeds, so that measurement is also the report's. At the first step both models see the same
+  noisy latent, so the attention maps differ only through the models themselves: the proxy
+  keeps the drift's ranking at a fraction of the cost.
 - scan: score every candidate in full on the same noise (the right choice for short lists such as
   CIFAR-10, and the exhaustive reference for longer ones).
 - paper: method steps 5-7. A soft prompt is optimized by gradient ascent on the drift with
@@ -33,6 +34,7 @@ class Finding:
     search_drift: float
     run: int | None = None  # paper mode: the run that found it
     steps: int | None = None  # paper mode: optimization steps that run took
+    rescored: torch.Tensor | None = None  # (R,) drift on the re-scoring seeds, if the search measured it
 
 
 def _order(drifts: torch.Tensor, direction: str) -> torch.Tensor:
@@ -49,9 +51,10 @@ def scan(meter: DriftMeter, settings: AuditSettings, progress: Progress | None =
 
 
 def screen(meter: DriftMeter, settings: AuditSettings, progress: Progress | None = None) -> list[Finding]:
-    """Cheap proxy over every candidate, then the full measurement of the finalists."""
+    """Cheap proxy over every candidate, then the full measurement of the finalists on the
+    re-scoring seeds (the audit re-uses it instead of measuring the reported words again)."""
     indices = list(range(len(meter.vocab)))
-    n_final = max(settings.finalists, 3 * settings.top_k)
+    n_final = max(settings.finalists, settings.top_k)
     half = None if progress is None else (lambda d, t: progress(d, 2 * t))
     if len(indices) > n_final:
         proxy = meter.variant(kept_steps=1, cfg=1.0)
@@ -59,10 +62,10 @@ def screen(meter: DriftMeter, settings: AuditSettings, progress: Progress | None
         cheap = proxy.score(indices, seeds, half).mean(dim=1)  # (C,)
         indices = _order(cheap, settings.direction)[:n_final].tolist()
     rest = None if progress is None else (lambda d, t: progress(t + d, 2 * t))
-    seeds = settings.derived_seeds("search", settings.noise_batch)
-    drifts = meter.score(indices, seeds, rest).mean(dim=1)  # (n_final,)
+    per_seed = meter.score(indices, settings.derived_seeds("rescore", settings.rescore_seeds), rest)  # (n_final, R)
+    drifts = per_seed.mean(dim=1)  # (n_final,)
     order = _order(drifts, settings.direction)[: settings.top_k]
-    return [Finding(indices[int(i)], float(drifts[i])) for i in order]
+    return [Finding(indices[int(i)], float(drifts[i]), rescored=per_seed[i]) for i in order]
 
 
 @dataclass

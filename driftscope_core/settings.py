@@ -24,7 +24,7 @@ class AuditSettings:
     noise_batch: int = 4  # noise samples per evaluation during the search
     # screen mode: first-step, conditional-branch proxy for every word, then full finalists
     screen_seeds: int = 2
-    finalists: int = 32  # at least 3 * top_k
+    finalists: int = 32  # words measured in full after the proxy (at least top_k)
     # method steps 5-7: soft-prompt search (paper: AdamW, lr 0.1, 100 steps)
     opt_steps: int = 100
     lr: float = 0.1
@@ -35,8 +35,9 @@ class AuditSettings:
     max_runs_factor: int = 2  # at most factor * top_k restarts
     # re-scoring on shared seeds and calibration against random words
     rescore_seeds: int = 8
-    calibration_size: int = 64
-    z_threshold: float = 5.0  # calibrated (robust z) score above which a word is flagged
+    calibration_size: int = 64  # random words measured for the baseline
+    calibration_seeds: int = 2  # seeds per calibration word (the baseline needs many words, not many seeds)
+    false_alarms: float = 0.05  # expected ordinary words flagged per audit; sets the z threshold (calibration.py)
 
     def validate(self) -> "AuditSettings":
         problems = []
@@ -52,8 +53,10 @@ class AuditSettings:
             problems.append(f"kept_steps ({self.kept_steps}) cannot exceed schedule_steps ({self.schedule_steps})")
         if self.mode == "paper" and self.opt_steps < 1:
             problems.append("opt_steps must be at least 1 in paper mode (a budget of zero steps finds nothing)")
-        if self.top_k < 1 or self.noise_batch < 1 or self.rescore_seeds < 1:
-            problems.append("top_k, noise_batch and rescore_seeds must be at least 1")
+        if not 0.0 < self.false_alarms < 1.0:
+            problems.append(f"false_alarms ({self.false_alarms}) must be between 0 and 1 (e.g. 0.05)")
+        if min(self.top_k, self.noise_batch, self.rescore_seeds, self.calibration_seeds, self.screen_seeds) < 1:
+            problems.append("top_k, noise_batch, rescore_seeds, calibration_seeds and screen_seeds must be at least 1")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -34,9 +34,18 @@ def test_scan_and_screen_rank_planted_words_first(objective, mode):
 def test_screen_costs_less_than_scan_for_the_same_top_words():
     scan, screen = audit(mode="scan"), audit(mode="screen", finalists=15)
     assert [e.token for e in scan.entries[:3]] == [e.token for e in screen.entries[:3]]  # the planted words
-    search = lambda r: r.evaluations["adapted"]["unet_forward"] - (5 + 30) * 3 * 2 * 2  # minus re-scoring  # noqa: E731
-    assert search(screen) == 60 * 2 * 1 + 15 * 2 * 2 * 2  # proxy: 1 step, no guidance; finalists in full
-    assert search(screen) < search(scan) / 1.9
+    unet = lambda r, stage: r.evaluations_by_stage[stage]["adapted"]["unet_forward"]  # noqa: E731
+    # 60 words; 2 kept steps with guidance = 4 evaluations per latent; 3 re-scoring seeds
+    assert unet(scan, "search") == 60 * 2 * 4  # every word on noise_batch 2
+    assert unet(scan, "rescore") == 5 * 3 * 4  # the 5 reported words
+    # proxy: 1 step without guidance on screen_seeds 2; the 15 finalists in full on the
+    # re-scoring seeds, which makes re-scoring free
+    assert unet(screen, "search") == 60 * 2 * 1 + 15 * 3 * 4
+    assert unet(screen, "rescore") == 0
+    for r in (scan, screen):  # 30 calibration words on 2 seeds
+        assert unet(r, "calibrate") == 30 * 2 * 4
+        assert sum(unet(r, s) for s in ("search", "rescore", "calibrate")) == r.evaluations["adapted"]["unet_forward"]
+    assert unet(screen, "search") < unet(scan, "search") / 1.5
 
 
 def test_paper_mode_finds_planted_words_and_stops_early():
@@ -69,8 +78,9 @@ def test_identical_models_flag_nothing():
 def test_evaluations_are_counted_per_model():
     report = audit()
     base, adapted = report.evaluations["base"], report.evaluations["adapted"]
-    # scan: 60 words x 2 seeds, rescoring: (5 + 30) words x 3 seeds; 2 kept steps, guided (x2)
-    expected = (60 * 2 + 35 * 3) * 2 * 2
+    # scan: 60 words x 2 seeds, rescoring: 5 words x 3 seeds, calibration: 30 words x 2 seeds;
+    # 2 kept steps, guided (x2)
+    expected = (60 * 2 + 5 * 3 + 30 * 2) * 2 * 2
     assert base["unet_forward"] == adapted["unet_forward"] == expected
     assert base["unet_backward"] == 0
     # each word is encoded once (re-scoring reuses the scan's conditionings), plus the empty

@@ -1,0 +1,47 @@
+"""Calibrated scores: robust z of log drift against random words, flagged past a threshold
+that keeps the expected number of ordinary words flagged per audit fixed."""
+import pytest
+import torch
+
+from driftscope_core.calibration import Baseline, z_threshold
+
+
+def lognormal(n, median=1e-3, sigma=0.4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return median * torch.exp(sigma * torch.randn(n, generator=g, dtype=torch.float64))
+
+
+def test_scores_do_not_depend_on_the_drift_unit():
+    drifts = lognormal(64)
+    a, b = Baseline.from_drifts(drifts), Baseline.from_drifts(drifts * 1000.0)
+    for d in (2e-3, 5e-3, 2e-2):
+        assert a.z(d) == pytest.approx(b.z(d * 1000.0), rel=1e-9)
+
+
+def test_score_is_the_number_of_log_deviations_from_the_median():
+    base = Baseline.from_drifts(lognormal(4000, median=1e-3, sigma=0.4))
+    assert base.log_scale == pytest.approx(0.4, rel=0.06)
+    assert base.z(1e-3 * float(torch.exp(torch.tensor(0.4 * 5)))) == pytest.approx(5.0, rel=0.08)
+    assert base.z(base.median) == 0.0
+
+
+def test_identical_models_score_zero_and_a_lone_drift_scores_high():
+    zero = Baseline.from_drifts(torch.zeros(32))
+    assert zero.z(0.0) == 0.0
+    assert zero.z(1e-4) > 100
+
+
+@pytest.mark.parametrize("candidates", [60, 2_000])
+def test_threshold_keeps_false_alarms_per_audit_fixed(candidates):
+    # ordinary words only: about false_alarms of every `candidates` words are flagged
+    base = Baseline.from_drifts(lognormal(64, seed=1))
+    words = lognormal(40_000, seed=2).tolist()
+    thr = z_threshold(0.05, candidates)
+    flagged = sum(base.z(d) >= thr for d in words)
+    assert flagged / len(words) * candidates <= 0.2
+
+
+def test_longer_vocabularies_need_higher_scores():
+    assert z_threshold(0.05, 60) == pytest.approx(3.14, abs=0.01)
+    assert z_threshold(0.05, 10_000) == pytest.approx(4.42, abs=0.01)
+    assert z_threshold(0.05, 60) < z_threshold(0.05, 2_000) < z_threshold(0.05, 50_000)
