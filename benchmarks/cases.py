@@ -28,7 +28,7 @@ NULL_KINDS = ("null_diffuse", "null_identical")
 FAMILIES = ("sd15", "sd2")
 TEMPLATE = "a photo of a {}"
 
-PLANTED_COUNT = 5
+PLANTED_COUNT = 10  # enough planted words to fill the truth's top 10 (past them the drift has no gaps)
 PLANTED_POOL = ("cifar100", "coco80")  # planted words are drawn from these lists' one-token words
 PLANTED_PRESERVE = "cifar100"  # the edit's preserve set (minus the planted words), as in the demo
 
@@ -38,6 +38,11 @@ LORA_WORD = "tiger"
 # latents because 0.3.75 crashes (multi_res unbound) when the latents arrive as one tensor.
 LORA_TRAINING = dict(images=8, steps=40, batch_size=2, learning_rate=1e-3, rank=4, optimizer="AdamW",
                      loss_function="MSE", algorithm="LoRA", dtype="fp32")
+
+# Width of the tiny text encoder (and the UNet's context_dim). At the tests' 64 the preserve set
+# spans the whole context space, so the planted edit barely moves the planted words (9% of their
+# keys/values) and the truth's top 10 is collateral; at 256 they move 133% and lead the truth.
+TEXT_WIDTH = 256
 
 DIFFUSE_RELATIVE = 1e-2  # null_diffuse: noise std per tensor, relative to the tensor's RMS
 
@@ -113,8 +118,11 @@ def vocabulary_of(env, clip, words: Sequence[str], name: str = "bench"):
 def planted_words(env, clip, family: str, model_seed: int, count: int = PLANTED_COUNT) -> list[str]:
     """`count` concept words (one BPE token each) drawn with a seed from the built-in lists."""
     in_vocab = set(full_vocabulary(env, clip))
+    # a word inside a preserved phrase ("truck" of "pickup truck") would be edited and preserved at once
+    preserved_parts = {part for phrase in env.demo_models.load_vocabulary(PLANTED_PRESERVE) if " " in phrase
+                       for part in phrase.split()}
     pool = sorted({w for name in PLANTED_POOL for w in env.demo_models.load_vocabulary(name)
-                   if w in in_vocab and w != LORA_WORD})
+                   if w in in_vocab and w != LORA_WORD and w not in preserved_parts})
     return random.Random(f"driftscope-bench:planted:{family}:{model_seed}").sample(pool, count)
 
 
@@ -223,8 +231,9 @@ class CaseBuilder:
     """Builds cases; the base model of each (family, model seed) is made once and shared."""
 
     def __init__(self, env, candidates: int | None, candidate_seed: int = 0, resolution: int = 32,
-                 log: Callable[[str], None] = print):
+                 text_width: int = TEXT_WIDTH, log: Callable[[str], None] = print):
         self.env, self.candidates, self.candidate_seed = env, candidates, candidate_seed
+        self.text_width = text_width
         self.resolution, self.log = resolution, log
         self._bases: dict[tuple[str, int], tuple] = {}
 
@@ -232,7 +241,7 @@ class CaseBuilder:
         key = (family, model_seed)
         if key not in self._bases:
             make = {"sd15": self.env.demo_models.tiny_sd15, "sd2": self.env.demo_models.tiny_sd2}[family]
-            model, clip, vae = make(model_seed)
+            model, clip, vae = make(model_seed, text_width=self.text_width)
             self._bases[key] = (model, clip, vae, effective_weights_digest(model), clip_digest(clip))
         return self._bases[key]
 
@@ -240,7 +249,8 @@ class CaseBuilder:
         t0 = time.perf_counter()
         model, clip, vae, base_digest, clip_sha = self.base(spec.family, spec.model_seed)
         dm = self.env.demo_models
-        recipe: dict = {"kind": spec.kind, "family": spec.family, "model_seed": spec.model_seed, "template": TEMPLATE}
+        recipe: dict = {"kind": spec.kind, "family": spec.family, "model_seed": spec.model_seed, "template": TEMPLATE,
+                        "text_width": self.text_width}
         info: dict = {}
         adapted_clip = clip
         if spec.kind == "planted":

@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     env = environment.load(a.comfy, threads=a.threads)
     builder = case_lib.CaseBuilder(env, variant.candidates, resolution=variant.truth.width)
     for spec in specs:
-        if spec.kind == "null_identical":
-            continue  # its truth is only measured for the words an audit reports
+        if spec.is_null:
+            continue  # null cases: no truth, or (identical) only for the words an audit reports
         case = builder.build(spec)
         truth = measure(env, case, case.words, variant.truth, a.cache)
         print(f"[truth] {case.name}: {len(truth.per_seed)} words cached in {truth.path.name}")

@@ -50,7 +50,7 @@ MODE_SETTINGS = {
 }
 MICRO_BATCH = 64
 SHOWN_SETTINGS = ("width", "schedule_steps", "kept_steps", "cfg", "noise_batch", "top_k", "rescore_seeds", "calibration_size",
-                  "z_threshold")
+                  "calibration_seeds", "false_alarms")
 SHOWN_FOR_MODE = {"screen": ("screen_seeds", "finalists"), "paper": ("opt_steps", "lr", "patience", "max_runs_factor", "tau"),
                   "scan": ()}
 SEARCH_SEEDS = (0, 1, 2)
@@ -191,24 +191,15 @@ def run_one_audit(env, case, mode: str, seed: int) -> dict:
         "text_forward": sum(v["text_forward"] for v in ev.values()),
         "text_backward": sum(v["text_backward"] for v in ev.values()),
         "timings": report.timings,
-        # not counted by the report (its counts are per model, not per stage): the re-scoring stage's
-        # UNet forward passes follow from its settings
-        "rescore_unet_forward_derived": rescore_evaluations(report),
+        # UNet forward + backward passes of both models per stage (search, rescore, calibrate)
+        "stage_unet": {stage: sum(c["unet_forward"] + c["unet_backward"] for c in sides.values())
+                       for stage, sides in report.evaluations_by_stage.items()},
         "wall_seconds": wall,
         "peak_rss_mb": mem.peak / 2**20,
         "peak_rss_increase_mb": (mem.peak - mem.start) / 2**20,
         "cuda_peak_mb": None if mem.cuda_peak is None else mem.cuda_peak / 2**20,
         "settings": report.settings,
     }
-
-
-def rescore_evaluations(report) -> int:
-    """UNet forward passes of the re-scoring stage, both models: every reported and calibration
-    word on every re-scoring seed and kept step, two per guided step."""
-    st = report.settings
-    words = len(report.entries) + len(report.seeds.get("calibration_words", []))
-    per_step = 1 if st["cfg"] == 1.0 else 2
-    return 2 * words * len(report.seeds["rescore"]) * st["kept_steps"] * per_step
 
 
 # -- figures ------------------------------------------------------------------------------------------
@@ -258,7 +249,9 @@ def mode_summary(case, truth: ground_truth.Truth | None, runs: list[dict], truth
                         "per_10k": metrics.per_ten_thousand(metrics.mean(sig), n)},
         "overlap_at_10": metrics.overlap_at([r["tokens"] for r in runs], 10),
         "cost": {k: avg(k) for k in ("unet_forward", "unet_backward", "text_forward", "text_backward", "wall_seconds",
-                                     "peak_rss_mb", "peak_rss_increase_mb", "rescore_unet_forward_derived")}
+                                     "peak_rss_mb", "peak_rss_increase_mb")}
+                | {"unet_per_stage": {stage: metrics.mean([r["stage_unet"].get(stage, 0) for r in runs])
+                                      for stage in runs[0]["stage_unet"]}}
                 | {"per_model": {side: {k: metrics.mean([r["evaluations"][side][k] for r in runs])
                                         for k in runs[0]["evaluations"][side]} for side in runs[0]["evaluations"]}},
         "per_run": per_run,
@@ -370,7 +363,9 @@ def run_benchmark(env, variant: Variant, modes: Sequence[str] | None = None, out
         case = builder.build(spec)
         results["seconds"]["cases"] += time.perf_counter() - t
         t = time.perf_counter()
-        truth_words = [] if spec.kind == "null_identical" else case.words  # identical: only what is reported
+        # a null case has no concept to recall: null_identical's truth covers only the reported
+        # words (all zero), null_diffuse gets none (its false alarms need no truth)
+        truth_words = [] if spec.is_null else case.words
         ground_truth.measure(env, case, truth_words, variant.truth, cache_dir, log)
         results["seconds"]["truth_this_run"] += time.perf_counter() - t
         runs: dict[str, list[dict]] = {}
@@ -392,6 +387,8 @@ def run_benchmark(env, variant: Variant, modes: Sequence[str] | None = None, out
                     f"bwd {r['unet_backward']}, top {r['tokens'][:5]}, significant {len(r['significant'])}")
         # every reported word gets a truth (a no-op when the truth covers every candidate)
         scored = sorted(set(truth_words) | {w for rs in runs.values() for r in rs for w in r["tokens"]})
+        if spec.kind == "null_diffuse":
+            scored = []
         t = time.perf_counter()
         truth = ground_truth.measure(env, case, scored, variant.truth, cache_dir, log)
         results["seconds"]["truth_this_run"] += time.perf_counter() - t
@@ -435,8 +432,8 @@ def markdown(results: dict) -> str:
         f"measuring ground truth (the rest was cached), {results['seconds']['total'] / 60:.1f} min in all. Default mode: `{results['default_mode']}`; "
         f"search seeds {results['search_seeds']}; figures are means over the search seeds.",
         "",
-        "| case | mode | R@10 | R@20 | ρ top-50 | significant (per 10k) | top-10 overlap | UNet fwd base / adapted | UNet bwd | UNet total | text fwd / bwd | wall s | peak RSS MB (+Δ) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | mode | R@10 | R@20 | ρ top-50 | significant (per 10k) | top-10 overlap | UNet fwd base / adapted | UNet bwd | UNet total | UNet search / rescore / calibrate | text fwd / bwd | wall s | peak RSS MB (+Δ) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cases"]:
         for mode, s in c["modes"].items():
@@ -447,11 +444,12 @@ def markdown(results: dict) -> str:
                 f"{_f(s['significant']['mean'], '{:.1f}')} ({_f(s['significant']['per_10k'], '{:.0f}')}) | "
                 f"{_f(s['overlap_at_10'])} | {_f(pm['base']['unet_forward'], '{:,.0f}')} / {_f(pm['adapted']['unet_forward'], '{:,.0f}')} | "
                 f"{_f(s['cost']['unet_backward'], '{:,.0f}')} | {_f(s['cost']['unet_forward'] + s['cost']['unet_backward'], '{:,.0f}')} | "
+                f"{' / '.join(_f(s['cost']['unet_per_stage'].get(k), '{:,.0f}') for k in ('search', 'rescore', 'calibrate'))} | "
                 f"{_f(s['cost']['text_forward'], '{:,.0f}')} / {_f(s['cost']['text_backward'], '{:,.0f}')} | "
                 f"{_f(s['cost']['wall_seconds'], '{:.0f}')} | {_f(s['cost']['peak_rss_mb'], '{:,.0f}')} "
                 f"(+{_f(s['cost']['peak_rss_increase_mb'], '{:,.0f}')}) |")
         for mode, err in c["errors"].items():
-            lines.append(f"| {c['name']} | {mode} | failed: {err[:120]} |||||||||||")
+            lines.append(f"| {c['name']} | {mode} | failed: {err[:120]} ||||||||||||")
     skipped = [f"`{m}` only on {', '.join(k)} cases" for m, k in results.get("only_kinds", {}).items() if m in results["modes"]]
     if skipped:
         lines += ["", "Modes restricted in this variant: " + "; ".join(skipped) + "."]
@@ -469,7 +467,7 @@ def markdown(results: dict) -> str:
     for c in results["cases"]:
         t = c["truth"]
         if t is None:
-            lines.append(f"| {c['name']} | {c['candidates']} | – | – | – | – | – |")
+            lines.append(f"| {c['name']} | {c['candidates']} | – | not measured (a null case has nothing to recall) | – | – | – |")
             continue
         tgt = f"{t['targets_in_top10']}/{len(c['targets'])}" if c["targets"] else "–"
         top5 = "all 0 (identical models)" if t["degenerate"] else ", ".join(x["token"] for x in t["top20"][:5])

@@ -256,33 +256,42 @@ def tiny_vae(seed: int = 0):
     return comfy.sd.VAE(sd=taesd_state_dict(seed), dtype=torch.float32)
 
 
-def tiny_sd15(seed: int = 0):
-    """Tiny SD1.x: UNet 32 ch, context 64, two levels with attention everywhere (three
-    cross-attention layers at the highest resolution), a 64-wide 2-layer CLIP with the real SD1
-    tokenizer, TAESD VAE; fp32, eps-prediction."""
+def tiny_text_config(base: dict, width: int) -> dict:
+    """A tiny text-encoder config at another width (the UNet's context_dim must match)."""
+    if width % 32:
+        raise ValueError(f"text width {width} must be a multiple of 32 (32 channels per head)")
+    return {**base, "hidden_size": width, "intermediate_size": 2 * width,
+            "num_attention_heads": width // 32, "projection_dim": width}
+
+
+def tiny_sd15(seed: int = 0, text_width: int = 64):
+    """Tiny SD1.x: UNet 32 ch, two levels with attention everywhere (three cross-attention
+    layers at the highest resolution), a `text_width`-wide 2-layer CLIP (the UNet's context_dim)
+    with the real SD1 tokenizer, TAESD VAE; fp32, eps-prediction.  The default width 64 keeps the
+    tests fast; wider encoders give words more distinct context vectors (the benchmark's choice)."""
     import comfy.sd1_clip
     import comfy.supported_models
-    model = _make_unet(comfy.supported_models.SD15, unet_config(32, 64, (1, 2)), seed)
+    model = _make_unet(comfy.supported_models.SD15, unet_config(32, text_width, (1, 2)), seed)
     clip = _make_clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, "l",
-                      TINY_CLIP_L_CONFIG, seed, torch.float32)
+                      tiny_text_config(TINY_CLIP_L_CONFIG, text_width), seed, torch.float32)
     return model, clip, tiny_vae(seed)
 
 
-def tiny_sd2(seed: int = 0):
+def tiny_sd2(seed: int = 0, text_width: int = 64):
     """Tiny SD2.x: the SD20 model config (linear transformer projections, fp32 attention),
-    forced to v-prediction, a 64-wide 3-layer OpenCLIP-H-style text encoder read at the
-    penultimate layer with the SD2 tokenizer, TAESD VAE; fp32."""
+    forced to v-prediction, a `text_width`-wide 3-layer OpenCLIP-H-style text encoder read at
+    the penultimate layer with the SD2 tokenizer, TAESD VAE; fp32."""
     import comfy.model_base
     import comfy.supported_models
     import comfy.text_encoders.sd2_clip as sd2_clip
     # SD20 uses 64 channels per head: with 32 channels that would be zero heads.
     model = _make_unet(comfy.supported_models.SD20,
-                       unet_config(32, 64, (1, 2), use_linear_in_transformer=True), seed,
+                       unet_config(32, text_width, (1, 2), use_linear_in_transformer=True), seed,
                        model_type=comfy.model_base.ModelType.V_PREDICTION,
                        extra_config={"num_head_channels": 8})
     assert model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
     clip = _make_clip(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel, "h",
-                      TINY_CLIP_H_CONFIG, seed, torch.float32)
+                      tiny_text_config(TINY_CLIP_H_CONFIG, text_width), seed, torch.float32)
     return model, clip, tiny_vae(seed)
 
 
