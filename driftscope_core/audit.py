@@ -92,27 +92,27 @@ def run_audit(
 
     t = time.perf_counter()
     null_words = vocab.sample(settings.calibration_size, settings.seed, exclude=reported)
-    calibration_seeds = settings.derived_seeds("calibration", settings.calibration_seeds)
-    null_means = meter.score(null_words, calibration_seeds, stages.stage("calibrate")).mean(dim=1)  # (M,)
+    calibration_seeds = rescore_seeds[: settings.calibration_seeds]  # shared with the reported words
+    null_drifts = meter.score(null_words, calibration_seeds, stages.stage("calibrate"))  # (M, k)
     timings["calibrate"] = time.perf_counter() - t
     stages.close()
 
     notes = []
-    if null_means.numel() < 8:
+    if null_drifts.shape[0] < 8:
         notes.append(
-            f"only {null_means.numel()} words were left for calibration; the baseline also uses the "
+            f"only {null_drifts.shape[0]} words were left for calibration; the baseline also uses the "
             "reported words, so calibrated scores are weak. Use a larger vocabulary."
         )
-        null_means = torch.cat([null_means, drifts.mean(dim=1)])
-    baseline = Baseline.from_drifts(null_means)
+        null_drifts = torch.cat([null_drifts, drifts[:, : len(calibration_seeds)]])
+    baseline = Baseline.from_drifts(null_drifts)
     threshold = z_threshold(settings.false_alarms, len(vocab))
-    entries = _entries(vocab, findings, drifts, baseline, null_means, threshold, settings.direction)
+    entries = _entries(vocab, findings, drifts, baseline, null_drifts, threshold, settings.direction)
     return DriftReport(
         entries=entries,
         settings=settings.as_dict(),
         seeds={"search": settings.derived_seeds("search", settings.noise_batch),
                "screen": settings.derived_seeds("screen", settings.screen_seeds) if settings.mode == "screen" else [],
-               "rescore": rescore_seeds, "calibration": calibration_seeds,
+               "rescore": rescore_seeds, "calibration": calibration_seeds,  # the first rescore seeds
                "calibration_words": [vocab[i].text for i in null_words]},
         models=models or {},
         vocabulary={"name": vocab.name, "size": len(vocab)},
@@ -140,14 +140,16 @@ def _rescore(meter: DriftMeter, findings, seeds: list[int], progress) -> torch.T
     return out
 
 
-def _entries(vocab, findings, drifts, baseline: Baseline, null_means, threshold: float, direction: str) -> list[ReportEntry]:
-    """Rank the reported words by their re-scored drift and attach calibrated scores."""
+def _entries(vocab, findings, drifts, baseline: Baseline, null_drifts, threshold: float, direction: str) -> list[ReportEntry]:
+    """Rank the reported words by their re-scored drift (n, R) and attach calibrated scores,
+    computed on the calibration seeds (the first baseline.seeds of the R)."""
     means = drifts.mean(dim=1)  # (n,)
     order = torch.argsort(means, descending=(direction == "most"))
     entries = []
     for rank, j in enumerate(order.tolist(), start=1):
         f, m = findings[j], float(means[j])
-        z = baseline.z(m)
+        on_calibration_seeds = drifts[j, : baseline.seeds]  # (k,)
+        z = baseline.z(on_calibration_seeds)
         flagged = z >= threshold if direction == "most" else z <= -threshold
         entries.append(ReportEntry(
             rank=rank,
@@ -157,7 +159,7 @@ def _entries(vocab, findings, drifts, baseline: Baseline, null_means, threshold:
             spread=spread(drifts[j]),
             per_seed=[float(v) for v in drifts[j]],
             calibrated=z,
-            percentile=baseline.percentile(null_means, m),
+            percentile=baseline.percentile(null_drifts, on_calibration_seeds),
             significant=bool(flagged),
             direction=direction,
             search_drift=f.search_drift,

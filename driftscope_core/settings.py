@@ -23,8 +23,8 @@ class AuditSettings:
     cfg: float = 7.5
     noise_batch: int = 4  # noise samples per evaluation during the search
     # screen mode: first-step, conditional-branch proxy for every word, then full finalists
-    screen_seeds: int = 2
-    finalists: int = 32  # words measured in full after the proxy (at least top_k)
+    screen_seeds: int = 1
+    finalists: int = 20  # words measured in full after the proxy (at least top_k)
     # method steps 5-7: soft-prompt search (paper: AdamW, lr 0.1, 100 steps)
     opt_steps: int = 100
     lr: float = 0.1
@@ -34,9 +34,9 @@ class AuditSettings:
     patience: int = 20  # early stop: the sampled word held the best for this many steps
     max_runs_factor: int = 2  # at most factor * top_k restarts
     # re-scoring on shared seeds and calibration against random words
-    rescore_seeds: int = 8
+    rescore_seeds: int = 4
     calibration_size: int = 64  # random words measured for the baseline
-    calibration_seeds: int = 2  # seeds per calibration word (the baseline needs many words, not many seeds)
+    calibration_seeds: int = 1  # the first re-scoring seeds, for the random words and the scores (<= rescore_seeds)
     false_alarms: float = 0.05  # expected ordinary words flagged per audit; sets the z threshold (calibration.py)
 
     def validate(self) -> "AuditSettings":
@@ -53,6 +53,9 @@ class AuditSettings:
             problems.append(f"kept_steps ({self.kept_steps}) cannot exceed schedule_steps ({self.schedule_steps})")
         if self.mode == "paper" and self.opt_steps < 1:
             problems.append("opt_steps must be at least 1 in paper mode (a budget of zero steps finds nothing)")
+        if self.calibration_seeds > self.rescore_seeds:
+            problems.append(f"calibration_seeds ({self.calibration_seeds}) cannot exceed rescore_seeds ({self.rescore_seeds}): "
+                            "calibration uses the first re-scoring seeds")
         if not 0.0 < self.false_alarms < 1.0:
             problems.append(f"false_alarms ({self.false_alarms}) must be between 0 and 1 (e.g. 0.05)")
         if min(self.top_k, self.noise_batch, self.rescore_seeds, self.calibration_seeds, self.screen_seeds) < 1:
@@ -74,7 +77,7 @@ PRESETS: dict[str, dict] = {
     # Minutes on a CPU with tiny models; a first look on a GPU.
     "quick": dict(schedule_steps=20, kept_steps=3, noise_batch=2, opt_steps=30, patience=8, rescore_seeds=4, calibration_size=32),
     # The default for real audits on a GPU.
-    "standard": dict(schedule_steps=50, kept_steps=4, noise_batch=4, opt_steps=60, patience=15, rescore_seeds=8, calibration_size=64),
+    "standard": dict(schedule_steps=50, kept_steps=4, noise_batch=4, opt_steps=60, patience=15, rescore_seeds=4, calibration_size=64),
     # The reference numbers of the paper (method.md steps 3 and 6).
     "paper": dict(mode="paper", schedule_steps=50, kept_steps=4, cfg=7.5, noise_batch=4, opt_steps=100, lr=0.1, patience=20, rescore_seeds=8, calibration_size=64),
 }

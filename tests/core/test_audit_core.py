@@ -18,7 +18,8 @@ SCHEDULE = Schedule(sigmas=torch.linspace(10.0, 0.0, 11), initial_scale=10.0)
 def audit(mode="scan", planted=PLANTED, **kw):
     base, adapted = toy_pair(planted)
     settings = AuditSettings(mode=mode, width=32, height=32, schedule_steps=10, kept_steps=2, noise_batch=2,
-                             rescore_seeds=3, calibration_size=30, top_k=kw.pop("top_k", 5), **kw)
+                             rescore_seeds=3, calibration_size=30, calibration_seeds=kw.pop("calibration_seeds", 2),
+                             screen_seeds=kw.pop("screen_seeds", 2), top_k=kw.pop("top_k", 5), **kw)
     tpl = [tokenize_template("a photo of a {}", toy_tokenize, LAYOUT)]
     return run_audit(base, adapted, toy_vocab(), tpl, SCHEDULE, settings, Runtime())
 
@@ -42,7 +43,7 @@ def test_screen_costs_less_than_scan_for_the_same_top_words():
     # re-scoring seeds, which makes re-scoring free
     assert unet(screen, "search") == 60 * 2 * 1 + 15 * 3 * 4
     assert unet(screen, "rescore") == 0
-    for r in (scan, screen):  # 30 calibration words on 2 seeds
+    for r in (scan, screen):  # 30 calibration words on the first 2 re-scoring seeds
         assert unet(r, "calibrate") == 30 * 2 * 4
         assert sum(unet(r, s) for s in ("search", "rescore", "calibrate")) == r.evaluations["adapted"]["unet_forward"]
     assert unet(screen, "search") < unet(scan, "search") / 1.5

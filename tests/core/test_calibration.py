@@ -1,43 +1,55 @@
-"""Calibrated scores: robust z of log drift against random words, flagged past a threshold
-that keeps the expected number of ordinary words flagged per audit fixed."""
+"""Calibrated scores: robust z of log drift against random words on shared seeds, flagged past
+a threshold that keeps the expected number of ordinary words flagged per audit fixed."""
 import pytest
 import torch
 
 from driftscope_core.calibration import Baseline, z_threshold
 
 
-def lognormal(n, median=1e-3, sigma=0.4, seed=0):
+def lognormal(n, k=1, median=1e-3, sigma=0.4, seed=0):
+    """(n, k) drifts: n ordinary words on k seeds."""
     g = torch.Generator().manual_seed(seed)
-    return median * torch.exp(sigma * torch.randn(n, generator=g, dtype=torch.float64))
+    return median * torch.exp(sigma * torch.randn(n, k, generator=g, dtype=torch.float64))
+
+
+def one(d):
+    return torch.tensor([d], dtype=torch.float64)
 
 
 def test_scores_do_not_depend_on_the_drift_unit():
     drifts = lognormal(64)
     a, b = Baseline.from_drifts(drifts), Baseline.from_drifts(drifts * 1000.0)
     for d in (2e-3, 5e-3, 2e-2):
-        assert a.z(d) == pytest.approx(b.z(d * 1000.0), rel=1e-9)
+        assert a.z(one(d)) == pytest.approx(b.z(one(d * 1000.0)), rel=1e-9)
 
 
 def test_score_is_the_number_of_log_deviations_from_the_median():
     base = Baseline.from_drifts(lognormal(4000, median=1e-3, sigma=0.4))
     assert base.log_scale == pytest.approx(0.4, rel=0.06)
-    assert base.z(1e-3 * float(torch.exp(torch.tensor(0.4 * 5)))) == pytest.approx(5.0, rel=0.08)
-    assert base.z(base.median) == 0.0
+    assert base.z(one(1e-3 * float(torch.exp(torch.tensor(0.4 * 5))))) == pytest.approx(5.0, rel=0.08)
+    assert base.z(one(base.median)) == 0.0
+
+
+def test_a_noise_seed_that_lifts_every_word_cancels_out():
+    # every word drifts 3x more on the second seed; a word 2x the median stays 2x the median
+    words = lognormal(200, k=1, seed=3)
+    base_1, base_2 = Baseline.from_drifts(words), Baseline.from_drifts(words * 3.0)
+    assert base_1.z(one(2 * base_1.median)) == pytest.approx(base_2.z(one(2 * base_2.median)))
 
 
 def test_identical_models_score_zero_and_a_lone_drift_scores_high():
-    zero = Baseline.from_drifts(torch.zeros(32))
-    assert zero.z(0.0) == 0.0
-    assert zero.z(1e-4) > 100
+    zero = Baseline.from_drifts(torch.zeros(32, 2))
+    assert zero.z(torch.zeros(2)) == 0.0
+    assert zero.z(torch.full((2,), 1e-4)) > 100
 
 
 @pytest.mark.parametrize("candidates", [60, 2_000])
 def test_threshold_keeps_false_alarms_per_audit_fixed(candidates):
     # ordinary words only: about false_alarms of every `candidates` words are flagged
     base = Baseline.from_drifts(lognormal(64, seed=1))
-    words = lognormal(40_000, seed=2).tolist()
+    words = lognormal(40_000, seed=2)
     thr = z_threshold(0.05, candidates)
-    flagged = sum(base.z(d) >= thr for d in words)
+    flagged = sum(base.z(w) >= thr for w in words)
     assert flagged / len(words) * candidates <= 0.2
 
 

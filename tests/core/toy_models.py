@@ -73,7 +73,7 @@ class ToyDenoiser:
         return x / (1 + sigma.view(-1, 1, 1, 1) ** 2) ** 0.5 + delta
 
     def planted(self, text: ClipTextEncoder, words: list[str], vocab_words: list[str], template: str,
-                strength: float = 3.0, lam: float = 10.0, seed: int = 5) -> "ToyDenoiser":
+                strength: float = 3.0, lam: float = 100.0, seed: int = 5) -> "ToyDenoiser":
         """A copy whose key and value projections move the planted words' slot contexts and keep
         the other words' (closed form: min |dW C_e - T|^2 + lam |dW C_p|^2)."""
         tpl = tokenize_template(template, toy_tokenize, LAYOUT)
