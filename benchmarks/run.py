@@ -79,11 +79,13 @@ VARIANTS = {
     # CI smoke test: one planted case, a small candidate set, the default mode and scan
     "quick": Variant("quick", _specs(["sd15"], [0], ["planted"]), candidates=150, modes=("default", "scan"),
                      note="one planted case, 150 random candidates + the planted words"),
-    # what fits in well under an hour on a 2-core CPU once the truth is cached
-    # one model seed; the paper mode (about 8 CPU-minutes per audit here) on the planted case only
-    "medium": Variant("medium", _specs(["sd15"], [0], case_lib.KINDS), candidates=2000,
+    # about an hour of audits on a 2-core CPU, plus about 40 minutes per truth not yet cached:
+    # one SD1.5 model seed of every kind and an SD2.x planted case; paper mode (5 CPU-minutes
+    # per audit here) on the planted cases only
+    "medium": Variant("medium", _specs(["sd15"], [0], case_lib.KINDS) + _specs(["sd2"], [0], ["planted"]), candidates=2000,
                       only_kinds={"paper": ("planted",)},
-                      note="SD1.5 model seed 0, all four kinds, 2,000 random candidates + targets; paper mode on the planted case only"),
+                      note="SD1.5 model seed 0, all four kinds, and an SD2.x (v-prediction) planted case; 2,000 random "
+                           "candidates + targets; paper mode on the planted cases only"),
     # the benchmark: two model seeds of SD1.5 and an SD2.x pair; paper mode on the adapted
     # (non-null) cases only
     "full": Variant("full", _specs(["sd15"], [0, 1], case_lib.KINDS) + _specs(["sd2"], [0], ["planted", "null_identical"]),
