@@ -88,12 +88,10 @@ def full_vocabulary(env, clip) -> list[str]:
     return [c.text for c in env.core.vocabulary.from_bpe_vocab(bpe).candidates]
 
 
-def candidate_words(env, clip, size: int | None, seed: int, extra: Sequence[str] = ()) -> list[str]:
-    """The full filtered vocabulary (size None), or a seeded random sample of `size` of its words;
-    `extra` words (planted, trained) are always in. Ordered by BPE id."""
-    _, bpe, _ = env.host.tokenizer_functions(clip)
-    full = env.core.vocabulary.from_bpe_vocab(bpe)
-    texts = [c.text for c in full.candidates]
+def candidate_words(vocabulary: Sequence[str], size: int | None, seed: int, extra: Sequence[str] = ()) -> list[str]:
+    """The full filtered `vocabulary` (size None), or a seeded random sample of `size` of its
+    words; `extra` words (planted, trained) are always in. Ordered as `vocabulary` (by BPE id)."""
+    texts = list(vocabulary)
     if size is None or size >= len(texts):
         chosen = set(texts)
     else:
@@ -105,19 +103,10 @@ def candidate_words(env, clip, size: int | None, seed: int, extra: Sequence[str]
     return [t for t in texts if t in chosen]
 
 
-def vocabulary_of(env, clip, words: Sequence[str], name: str = "bench"):
-    """driftscope_core Vocabulary of `words` through the CLIP's tokenizer (what the node's
-    'custom' vocabulary does); every word must stay one token."""
-    tokenize, _, reserved = env.host.tokenizer_functions(clip)
-    vocab = env.core.vocabulary.from_words(list(words), tokenize, name=name, reserved_ids=reserved)
-    if len(vocab) != len(words):
-        raise ValueError(f"vocabulary lost words: {len(words)} given, {len(vocab)} kept")
-    return vocab
-
-
-def planted_words(env, clip, family: str, model_seed: int, count: int = PLANTED_COUNT) -> list[str]:
-    """`count` concept words (one BPE token each) drawn with a seed from the built-in lists."""
-    in_vocab = set(full_vocabulary(env, clip))
+def planted_words(env, vocabulary: Sequence[str], family: str, model_seed: int, count: int = PLANTED_COUNT) -> list[str]:
+    """`count` concept words (one BPE token each, i.e. in `vocabulary`) drawn with a seed from
+    the built-in lists."""
+    in_vocab = set(vocabulary)
     # a word inside a preserved phrase ("truck" of "pickup truck") would be edited and preserved at once
     preserved_parts = {part for phrase in env.demo_models.load_vocabulary(PLANTED_PRESERVE) if " " in phrase
                        for part in phrase.split()}
@@ -242,19 +231,20 @@ class CaseBuilder:
         if key not in self._bases:
             make = {"sd15": self.env.demo_models.tiny_sd15, "sd2": self.env.demo_models.tiny_sd2}[family]
             model, clip, vae = make(model_seed, text_width=self.text_width)
-            self._bases[key] = (model, clip, vae, effective_weights_digest(model), clip_digest(clip))
+            self._bases[key] = (model, clip, vae, effective_weights_digest(model), clip_digest(clip),
+                                full_vocabulary(self.env, clip))
         return self._bases[key]
 
     def build(self, spec: CaseSpec) -> Case:
         t0 = time.perf_counter()
-        model, clip, vae, base_digest, clip_sha = self.base(spec.family, spec.model_seed)
+        model, clip, vae, base_digest, clip_sha, vocabulary = self.base(spec.family, spec.model_seed)
         dm = self.env.demo_models
         recipe: dict = {"kind": spec.kind, "family": spec.family, "model_seed": spec.model_seed, "template": TEMPLATE,
                         "text_width": self.text_width}
         info: dict = {}
         adapted_clip = clip
         if spec.kind == "planted":
-            targets = tuple(planted_words(self.env, clip, spec.family, spec.model_seed))
+            targets = tuple(planted_words(self.env, vocabulary, spec.family, spec.model_seed))
             preserve = [w for w in dm.load_vocabulary(PLANTED_PRESERVE) if w not in targets]
             recipe.update(planted=list(targets), preserve=PLANTED_PRESERVE, strength=dm.DEMO_STRENGTH, lam=dm.DEMO_LAM,
                           eps=dm.DEMO_EPS, edit_seed=spec.model_seed)
@@ -275,7 +265,7 @@ class CaseBuilder:
             adapted = model.clone()
         else:
             raise ValueError(f"unknown case kind {spec.kind!r}; choose one of {', '.join(KINDS)}")
-        words = candidate_words(self.env, clip, self.candidates, self.candidate_seed, targets)
+        words = candidate_words(vocabulary, self.candidates, self.candidate_seed, targets)
         adapted_digest = effective_weights_digest(adapted)
         if spec.kind == "null_identical" and adapted_digest != base_digest:
             raise RuntimeError("null_identical: the clone computes with other weights than the base")

@@ -147,9 +147,7 @@ def measure(env, case, words: Sequence[str], settings: TruthSettings = TruthSett
 def main(argv=None) -> int:
     """Fill the truth cache of a benchmark variant's cases ahead of `run.py` (e.g. in another process)."""
     import argparse
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import cases as case_lib
     import environment
     import run

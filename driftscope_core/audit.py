@@ -128,16 +128,12 @@ def run_audit(
 def _rescore(meter: DriftMeter, findings, seeds: list[int], progress) -> torch.Tensor:
     """Drift (n, R) of every finding on the shared re-scoring seeds: measured here, unless the
     search already measured it there (screen mode's finalists)."""
-    todo = [j for j, f in enumerate(findings) if f.rescored is None]
-    out = torch.zeros(len(findings), len(seeds))
-    if todo:
-        out[todo] = meter.score([findings[j].index for j in todo], seeds, progress)  # (len(todo), R)
-    elif progress is not None:
+    todo = [f.index for f in findings if f.rescored is None]
+    if not todo and progress is not None:
         progress(1, 1)
-    for j, f in enumerate(findings):
-        if f.rescored is not None:
-            out[j] = f.rescored
-    return out
+    fresh = iter(meter.score(todo, seeds, progress))  # rows (R,) of the words not yet measured
+    rows = [f.rescored if f.rescored is not None else next(fresh) for f in findings]
+    return torch.stack(rows) if rows else torch.zeros(0, len(seeds))
 
 
 def _entries(vocab, findings, drifts, baseline: Baseline, null_drifts, threshold: float, direction: str) -> list[ReportEntry]:

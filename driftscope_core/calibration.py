@@ -51,7 +51,7 @@ class Baseline:
     @staticmethod
     def from_drifts(per_seed: torch.Tensor) -> "Baseline":
         """`per_seed`: (M, k) drifts of M random words on the k calibration seeds."""
-        scores = word_scores(per_seed.double())  # (M,)
+        scores = word_scores(per_seed)  # (M,)
         mid = scores.median()
         return Baseline(
             size=int(scores.numel()),
