@@ -111,7 +111,9 @@ def run_audit(
         entries=entries,
         settings=settings.as_dict(),
         seeds={"search": settings.derived_seeds("search", settings.noise_batch),
-               "screen": settings.derived_seeds("screen", settings.screen_seeds) if settings.mode == "screen" else [],
+               # screen: the proxy's seeds for every word, then (shortlist) as many more
+               "screen": settings.derived_seeds("screen", settings.screen_seeds * (2 if settings.shortlist else 1))
+               if settings.mode == "screen" else [],
                "rescore": rescore_seeds, "calibration": calibration_seeds,  # the first rescore seeds
                "calibration_words": [vocab[i].text for i in null_words]},
         models=models or {},

@@ -1,7 +1,9 @@
 """Finding the most (or least) drifted words.
 
 - screen (default): every candidate gets a cheap proxy of the drift, the first denoising step of
-  the conditional branch only; the best finalists are then measured in full, on the re-scoring
+  the conditional branch only; the best of them (the shortlist) get the proxy on as many more
+  seeds (successive halving: one noise draw misplaces some words by dozens of ranks), and the
+  best finalists by the mean over all proxy seeds are then measured in full, on the re-scoring
   seeds, so that measurement is also the report's. At the first step both models see the same
   noisy latent, so the attention maps differ only through the models themselves: the proxy
   keeps the drift's ranking at a fraction of the cost.
@@ -50,19 +52,37 @@ def scan(meter: DriftMeter, settings: AuditSettings, progress: Progress | None =
     return [Finding(int(i), float(drifts[i])) for i in order]
 
 
+def _part(progress: Progress | None, index: int, parts: int) -> Progress | None:
+    """Progress of sub-stage `index` of `parts` equal parts of one stage."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(index * total + done, parts * total)
+
+
+def proxy_finalists(meter: DriftMeter, settings: AuditSettings, n_final: int, progress: Progress | None = None) -> list[int]:
+    """Screen stages 1-2: the proxy (first step, conditional branch, no guidance) for every
+    candidate on `screen_seeds` seeds, then for the best `shortlist` on as many more seeds;
+    returns the `n_final` best candidates by their mean proxy drift over all their seeds."""
+    proxy = meter.variant(kept_steps=1, cfg=1.0)
+    seeds = settings.derived_seeds("screen", 2 * settings.screen_seeds)  # the first half is stage 1's
+    first, second = seeds[: settings.screen_seeds], seeds[settings.screen_seeds :]
+    cheap = proxy.score(list(range(len(meter.vocab))), first, _part(progress, 0, 2)).mean(dim=1)  # (C,)
+    order = _order(cheap, settings.direction)
+    if settings.shortlist > n_final:
+        short = order[: settings.shortlist]  # (S,)
+        more = proxy.score(short.tolist(), second, _part(progress, 1, 2)).mean(dim=1)  # (S,)
+        order = short[_order((cheap[short] + more) / 2, settings.direction)]  # (S,)
+    return order[:n_final].tolist()
+
+
 def screen(meter: DriftMeter, settings: AuditSettings, progress: Progress | None = None) -> list[Finding]:
-    """Cheap proxy over every candidate, then the full measurement of the finalists on the
-    re-scoring seeds (the audit re-uses it instead of measuring the reported words again)."""
+    """The proxy's finalists (proxy_finalists), then their full measurement on the re-scoring
+    seeds (the audit re-uses it instead of measuring the reported words again)."""
     indices = list(range(len(meter.vocab)))
     n_final = max(settings.finalists, settings.top_k)
-    half = None if progress is None else (lambda d, t: progress(d, 2 * t))
     if len(indices) > n_final:
-        proxy = meter.variant(kept_steps=1, cfg=1.0)
-        seeds = settings.derived_seeds("screen", settings.screen_seeds)
-        cheap = proxy.score(indices, seeds, half).mean(dim=1)  # (C,)
-        indices = _order(cheap, settings.direction)[:n_final].tolist()
-    rest = None if progress is None else (lambda d, t: progress(t + d, 2 * t))
-    per_seed = meter.score(indices, settings.derived_seeds("rescore", settings.rescore_seeds), rest)  # (n_final, R)
+        indices = proxy_finalists(meter, settings, n_final, _part(progress, 0, 2))
+    per_seed = meter.score(indices, settings.derived_seeds("rescore", settings.rescore_seeds), _part(progress, 1, 2))  # (n_final, R)
     drifts = per_seed.mean(dim=1)  # (n_final,)
     order = _order(drifts, settings.direction)[: settings.top_k]
     return [Finding(indices[int(i)], float(drifts[i]), rescored=per_seed[i]) for i in order]

@@ -23,8 +23,9 @@ class AuditSettings:
     cfg: float = 7.5
     noise_batch: int = 4  # noise samples per evaluation during the search
     # screen mode: first-step, conditional-branch proxy for every word, then full finalists
-    screen_seeds: int = 1
-    finalists: int = 20  # words measured in full after the proxy (at least top_k)
+    screen_seeds: int = 1  # proxy seeds for every word
+    shortlist: int = 160  # the proxy's best words get screen_seeds more seeds (0: none)
+    finalists: int = 30  # words measured in full after the proxy (at least top_k)
     # method steps 5-7: soft-prompt search (paper: AdamW, lr 0.1, 100 steps)
     opt_steps: int = 100
     lr: float = 0.1
@@ -58,6 +59,8 @@ class AuditSettings:
                             "calibration uses the first re-scoring seeds")
         if not 0.0 < self.false_alarms < 1.0:
             problems.append(f"false_alarms ({self.false_alarms}) must be between 0 and 1 (e.g. 0.05)")
+        if self.shortlist < 0:
+            problems.append(f"shortlist ({self.shortlist}) cannot be negative (0 skips the proxy's second round)")
         if min(self.top_k, self.noise_batch, self.rescore_seeds, self.calibration_seeds, self.screen_seeds) < 1:
             problems.append("top_k, noise_batch, rescore_seeds, calibration_seeds and screen_seeds must be at least 1")
         if problems:
