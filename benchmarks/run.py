@@ -212,7 +212,7 @@ def truth_summary(case, truth: ground_truth.Truth, words: Sequence[str]) -> dict
     return {
         "words": len(words),
         "degenerate": degenerate,  # every word drifts alike (identical models): no ranking to recover
-        "top20": [{"token": w, "drift": truth.mean(w)} for w in top],
+        "top20": [{"token": w, "drift": truth.mean(w), "seeds": truth.seed_count(w)} for w in top],
         "median_drift": sorted(means)[len(means) // 2],
         "targets_rank": {w: ranking.index(w) + 1 for w in case.targets if w in ranking},
         "targets_in_top10": sum(w in ranking[:10] for w in case.targets),

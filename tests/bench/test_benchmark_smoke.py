@@ -53,6 +53,10 @@ def test_figures_and_files_are_complete(quick):
     assert summary["overlap_at_10"] is not None and summary["spearman_top50"] is not None
     assert case["truth"]["words"] >= case["candidates"]  # every candidate (and every reported word) has a truth
     assert case["truth"]["cost"]["unet_forward"] > 0
+    # the top of the truth, where recall is decided, is measured on more seeds than the rest
+    truth_settings = run.VARIANTS["quick"].truth
+    assert all(t["seeds"] == truth_settings.refine_seeds for t in case["truth"]["top20"])
+    assert case["truth"]["seeds_per_word"][str(truth_settings.seeds)] >= case["candidates"] - truth_settings.refine_top - 10
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["cases"][0]["name"] == case["name"]
     table = (out / "results.md").read_text()
@@ -65,3 +69,17 @@ def test_modes_come_from_the_core_at_run_time(bench_env, monkeypatch):
     modes = run.resolve_modes(bench_env, None)
     assert modes[0] == bench_env.core.settings.AuditSettings().mode
     assert "brand_new" in modes and set(modes) == set(search.SEARCHES)
+
+
+def test_parallel_runs_merge_into_one_table(quick):
+    results, _ = quick
+    other = json.loads(json.dumps(results))
+    other["cases"][0]["name"] = "sd15-s9-planted"  # as if another process had run another case
+    other["seconds"] = {k: 1.0 for k in other["seconds"]}
+    merged = run.merge([results, other])
+    assert [c["name"] for c in merged["cases"]] == [results["cases"][0]["name"], "sd15-s9-planted"]
+    assert merged["seconds"]["audits"] == pytest.approx(results["seconds"]["audits"] + 1.0)
+    assert [t["figures"] for t in merged["targets"]] != [t["figures"] for t in results["targets"]]  # re-checked over both
+    assert "merged from 2 runs" in run.markdown(merged)
+    with pytest.raises(SystemExit, match="more than one run"):
+        run.merge([results, results])
