@@ -77,9 +77,9 @@ VARIANTS = {
     "quick": Variant("quick", _specs(["sd15"], [0], ["planted"]), candidates=150, modes=("default", "scan"),
                      truth=ground_truth.TruthSettings(refine_top=20),
                      note="one planted case, 150 random candidates + the planted words"),
-    # about an hour of audits on a 2-core CPU, plus about 40 minutes per truth not yet cached:
-    # one SD1.5 model seed of every kind and an SD2.x planted case; paper mode (5 CPU-minutes
-    # per audit here) on the planted cases only
+    # about 3 CPU-hours of audits, plus about 45 minutes per truth not yet cached: one SD1.5
+    # model seed of every kind and an SD2.x planted case; paper mode (25-30 CPU-minutes per
+    # audit here, most of the total) on the planted cases only
     "medium": Variant("medium", _specs(["sd15"], [0], case_lib.KINDS) + _specs(["sd2"], [0], ["planted"]), candidates=2000,
                       only_kinds={"paper": ("planted",)},
                       note="SD1.5 model seed 0, all four kinds, and an SD2.x (v-prediction) planted case; 2,000 random "
