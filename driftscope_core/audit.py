@@ -13,7 +13,7 @@ from .models import ModelSide, Runtime
 from .prompts import Template
 from .report import DriftReport, ReportEntry
 from .sampling import Schedule
-from .search import SEARCHES
+from .search import SEARCHES, proxy_seeds
 from .settings import AuditSettings
 from .vocabulary import Vocabulary
 
@@ -111,9 +111,7 @@ def run_audit(
         entries=entries,
         settings=settings.as_dict(),
         seeds={"search": settings.derived_seeds("search", settings.noise_batch),
-               # screen: the proxy's seeds for every word, then (shortlist) as many more
-               "screen": settings.derived_seeds("screen", settings.screen_seeds * (2 if settings.shortlist else 1))
-               if settings.mode == "screen" else [],
+               "screen": proxy_seeds(settings, len(vocab)),
                "rescore": rescore_seeds, "calibration": calibration_seeds,  # the first rescore seeds
                "calibration_words": [vocab[i].text for i in null_words]},
         models=models or {},

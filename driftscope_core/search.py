@@ -59,6 +59,16 @@ def _part(progress: Progress | None, index: int, parts: int) -> Progress | None:
     return lambda done, total: progress(index * total + done, parts * total)
 
 
+def proxy_seeds(settings: AuditSettings, candidates: int) -> list[int]:
+    """The proxy seeds screen mode uses on a list of `candidates` words: none when every word is
+    a finalist anyway, `screen_seeds` for everyone, as many more for the shortlist."""
+    n_final = max(settings.finalists, settings.top_k)
+    if settings.mode != "screen" or candidates <= n_final:
+        return []
+    rounds = 2 if settings.shortlist > n_final else 1
+    return settings.derived_seeds("screen", rounds * settings.screen_seeds)
+
+
 def proxy_finalists(meter: DriftMeter, settings: AuditSettings, n_final: int, progress: Progress | None = None) -> list[int]:
     """Screen stages 1-2: the proxy (first step, conditional branch, no guidance) for every
     candidate on `screen_seeds` seeds, then for the best `shortlist` on as many more seeds;

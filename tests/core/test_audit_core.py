@@ -43,6 +43,8 @@ def test_screen_costs_less_than_scan_for_the_same_top_words():
     # finalists in full on the re-scoring seeds, which makes re-scoring free
     assert unet(screen, "search") == 60 * 2 * 1 + 30 * 2 * 1 + 15 * 3 * 4
     assert len(screen.seeds["screen"]) == 4
+    assert audit(mode="screen", finalists=15, shortlist=0).seeds["screen"] == screen.seeds["screen"][:2]
+    assert audit(mode="screen", finalists=60).seeds["screen"] == []  # every word is a finalist: no proxy
     assert unet(screen, "rescore") == 0
     for r in (scan, screen):  # 30 calibration words on the first 2 re-scoring seeds
         assert unet(r, "calibrate") == 30 * 2 * 4
