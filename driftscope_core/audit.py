@@ -111,7 +111,7 @@ def run_audit(
         entries=entries,
         settings=settings.as_dict(),
         seeds={"search": settings.derived_seeds("search", settings.noise_batch),
-               "screen": proxy_seeds(settings, len(vocab)),
+               "screen": proxy_seeds(settings, len(vocab)) if settings.mode == "screen" else [],
                "rescore": rescore_seeds, "calibration": calibration_seeds,  # the first rescore seeds
                "calibration_words": [vocab[i].text for i in null_words]},
         models=models or {},

@@ -59,39 +59,43 @@ def _part(progress: Progress | None, index: int, parts: int) -> Progress | None:
     return lambda done, total: progress(index * total + done, parts * total)
 
 
+def _finalist_count(settings: AuditSettings) -> int:
+    return max(settings.finalists, settings.top_k)
+
+
 def proxy_seeds(settings: AuditSettings, candidates: int) -> list[int]:
     """The proxy seeds screen mode uses on a list of `candidates` words: none when every word is
-    a finalist anyway, `screen_seeds` for everyone, as many more for the shortlist."""
-    n_final = max(settings.finalists, settings.top_k)
-    if settings.mode != "screen" or candidates <= n_final:
+    a finalist anyway, else `screen_seeds` for every word and (with a shortlist) as many more."""
+    n_final = _finalist_count(settings)
+    if candidates <= n_final:
         return []
     rounds = 2 if settings.shortlist > n_final else 1
     return settings.derived_seeds("screen", rounds * settings.screen_seeds)
 
 
-def proxy_finalists(meter: DriftMeter, settings: AuditSettings, n_final: int, progress: Progress | None = None) -> list[int]:
+def proxy_finalists(meter: DriftMeter, settings: AuditSettings, progress: Progress | None = None) -> list[int]:
     """Screen stages 1-2: the proxy (first step, conditional branch, no guidance) for every
-    candidate on `screen_seeds` seeds, then for the best `shortlist` on as many more seeds;
-    returns the `n_final` best candidates by their mean proxy drift over all their seeds."""
+    candidate on `screen_seeds` seeds, then for the best `shortlist` on the further proxy seeds;
+    returns the finalists, the best candidates by their mean proxy drift over all their seeds."""
     proxy = meter.variant(kept_steps=1, cfg=1.0)
-    seeds = settings.derived_seeds("screen", 2 * settings.screen_seeds)  # the first half is stage 1's
+    seeds = proxy_seeds(settings, len(meter.vocab))
     first, second = seeds[: settings.screen_seeds], seeds[settings.screen_seeds :]
-    cheap = proxy.score(list(range(len(meter.vocab))), first, _part(progress, 0, 2)).mean(dim=1)  # (C,)
+    rounds = 2 if second else 1
+    cheap = proxy.score(list(range(len(meter.vocab))), first, _part(progress, 0, rounds)).mean(dim=1)  # (C,)
     order = _order(cheap, settings.direction)
-    if settings.shortlist > n_final:
+    if second:
         short = order[: settings.shortlist]  # (S,)
-        more = proxy.score(short.tolist(), second, _part(progress, 1, 2)).mean(dim=1)  # (S,)
+        more = proxy.score(short.tolist(), second, _part(progress, 1, rounds)).mean(dim=1)  # (S,)
         order = short[_order((cheap[short] + more) / 2, settings.direction)]  # (S,)
-    return order[:n_final].tolist()
+    return order[: _finalist_count(settings)].tolist()
 
 
 def screen(meter: DriftMeter, settings: AuditSettings, progress: Progress | None = None) -> list[Finding]:
     """The proxy's finalists (proxy_finalists), then their full measurement on the re-scoring
     seeds (the audit re-uses it instead of measuring the reported words again)."""
     indices = list(range(len(meter.vocab)))
-    n_final = max(settings.finalists, settings.top_k)
-    if len(indices) > n_final:
-        indices = proxy_finalists(meter, settings, n_final, _part(progress, 0, 2))
+    if proxy_seeds(settings, len(indices)):
+        indices = proxy_finalists(meter, settings, _part(progress, 0, 2))
     per_seed = meter.score(indices, settings.derived_seeds("rescore", settings.rescore_seeds), _part(progress, 1, 2))  # (n_final, R)
     drifts = per_seed.mean(dim=1)  # (n_final,)
     order = _order(drifts, settings.direction)[: settings.top_k]
