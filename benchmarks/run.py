@@ -510,7 +510,7 @@ def markdown(results: dict) -> str:
 def _resumed(results: dict) -> str:
     if results.get("merged"):
         runs = "; ".join(f"{', '.join(m['cases'])} at {m['date']}, commit {m['commit']}" for m in results["merged"])
-        return f" (merged from {len(results['merged'])} runs in parallel processes: {runs})"
+        return f" (merged from {len(results['merged'])} runs: {runs})"
     r = results.get("resumed")
     if not r:
         return ""
