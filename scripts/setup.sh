@@ -13,13 +13,23 @@ COMFY_HOME="$here/.comfyui"
 COMFY="$COMFY_HOME/ComfyUI"
 stamp="$VENV/.driftscope-setup-v1"
 
+# torch 2.14.1 is a CUDA build: the venv takes about 6.2 GB (5.6 GB of it torch and its CUDA
+# libraries, measured while pip installed them), Chromium about 0.3 GB more. Say so before pip
+# fails halfway with "No space left on device".
+need_mb=7500
 if [ ! -f "$stamp" ]; then
+  free_mb="$(df -Pm "$here" | awk 'NR == 2 {print $4}')"
+  if [ "${free_mb:-0}" -lt "$need_mb" ]; then
+    echo "[setup] error: $here has ${free_mb} MB free; the venv with torch 2.14.1 (a CUDA build)" \
+         "needs about $need_mb MB. Free some space and run again." >&2
+    exit 1
+  fi
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   # torch/torchvision: the releases that lie on this machine's disk (a CUDA build that runs on CPU).
-  "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
-  "$VENV/bin/pip" install -q -r "$here/scripts/requirements-dev.txt"
+  "$VENV/bin/pip" install -q --no-cache-dir torch==2.14.1 torchvision==0.29.1
+  "$VENV/bin/pip" install -q --no-cache-dir -r "$here/scripts/requirements-dev.txt"
   touch "$stamp"
 fi
 
