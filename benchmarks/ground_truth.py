@@ -88,6 +88,20 @@ class Truth:
             return sum(part) / len(part)
         return sorted(words, key=lambda w: (-m(w), w))
 
+    def seed_group_rankings(self, words: Sequence[str], k: int, skip: int) -> list[list[str]]:
+        """Rankings of the words measured on the most seeds (the refined top), each by the mean
+        over one group of `k` of their seeds, past the first `skip` (the seeds that chose them for
+        refinement, whose luck would favour them). How well these rankings agree is how well a
+        measurement on k seeds per word can agree with itself, even without having to find the
+        words among all candidates."""
+        most = max(self.seed_count(w) for w in words)
+        pool = [w for w in words if self.seed_count(w) == most]
+        groups = []
+        for g in range((most - skip) // k):
+            lo = skip + g * k
+            groups.append(sorted(pool, key=lambda w: (-sum(self.per_seed[w][lo : lo + k]) / k, w)))
+        return groups
+
 
 def cache_path(case, settings: TruthSettings, cache_dir: Path = CACHE_DIR) -> Path:
     key = json.dumps({"v": CACHE_VERSION, "truth": settings.definition(), "case": case.fingerprint}, sort_keys=True)
@@ -215,7 +229,10 @@ def main(argv=None) -> int:
             continue  # null cases: no truth, or (identical) only for the words an audit reports
         case = builder.build(spec)
         truth = measure(env, case, case.words, variant.truth, a.cache)
-        print(f"[truth] {case.name}: {len(truth.per_seed)} words cached in {truth.path.name}")
+        t = run.truth_summary(case, truth, case.words)
+        print(f"[truth] {case.name}: {len(truth.per_seed)} words cached in {truth.path.name}; "
+              f"top 5 {[r['token'] for r in t['top20'][:5]]}, targets' ranks {t['targets_rank']}, "
+              f"self-agreement @10 {t['self_agreement_at_10']}, @10 by seeds per word {t['agreement_at_10_by_seeds']}")
     return 0
 
 

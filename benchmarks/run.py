@@ -203,6 +203,21 @@ def run_one_audit(env, case, mode: str, seed: int) -> dict:
 
 
 # -- figures ------------------------------------------------------------------------------------------
+AGREEMENT_SEEDS = (4, 8, 12)  # 4: the default re-scoring seeds
+
+
+def seed_agreement(truth: ground_truth.Truth, words: Sequence[str]) -> dict[str, float]:
+    """{k: mean pairwise top-10 overlap between groups of k seeds} for the refined top words, on
+    the seeds they got past the truth's first `seeds` (those chose them for refinement)."""
+    skip = truth.settings["seeds"]
+    out = {}
+    for k in AGREEMENT_SEEDS:
+        groups = truth.seed_group_rankings(words, k, skip)
+        if len(groups) >= 2 and len(groups[0]) > 10:
+            out[str(k)] = metrics.overlap_at(groups, 10)
+    return out
+
+
 def truth_summary(case, truth: ground_truth.Truth, words: Sequence[str]) -> dict:
     ranking = truth.ranking(words)
     means = [truth.mean(w) for w in ranking]
@@ -217,6 +232,9 @@ def truth_summary(case, truth: ground_truth.Truth, words: Sequence[str]) -> dict
         "targets_rank": {w: ranking.index(w) + 1 for w in case.targets if w in ranking},
         "targets_in_top10": sum(w in ranking[:10] for w in case.targets),
         "self_agreement_at_10": None if degenerate else metrics.overlap_at(half, 10),
+        # top-10 agreement of the refined top between disjoint groups of k refinement seeds: what an
+        # audit whose final ranking rests on k seeds per word could reach at best (AGREEMENT_SEEDS)
+        "agreement_at_10_by_seeds": None if degenerate else seed_agreement(truth, words),
         "seeds_per_word": {str(n): sum(truth.seed_count(w) == n for w in words)
                            for n in sorted({truth.seed_count(w) for w in words})},
         "cost": truth.cost,
@@ -488,16 +506,19 @@ def markdown(results: dict) -> str:
         keys = SHOWN_SETTINGS + SHOWN_FOR_MODE.get(mode, tuple(k for k in st if k not in SHOWN_SETTINGS))
         lines.append(f"- `{mode}`: " + ", ".join(f"{k} {st[k]}" for k in keys if k in st and k != "mode"))
     lines += ["", "Ground truth (every candidate, exhaustive; cached):", "",
-              "| case | candidates | targets in truth top 10 | truth top 5 | truth self-agreement @10 | truth UNet fwd | truth s |",
-              "|---|---|---|---|---|---|---|"]
+              "| case | candidates | targets in truth top 10 | truth top 5 | truth self-agreement @10 | "
+              f"truth @10 with {' / '.join(map(str, AGREEMENT_SEEDS))} seeds per word | truth UNet fwd | truth s |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         t = c["truth"]
         if t is None:
-            lines.append(f"| {c['name']} | {c['candidates']} | – | not measured (a null case has nothing to recall) | – | – | – |")
+            lines.append(f"| {c['name']} | {c['candidates']} | – | not measured (a null case has nothing to recall) | – | – | – | – |")
             continue
         tgt = f"{t['targets_in_top10']}/{len(c['targets'])}" if c["targets"] else "–"
         top5 = "all 0 (identical models)" if t["degenerate"] else ", ".join(x["token"] for x in t["top20"][:5])
-        lines.append(f"| {c['name']} | {c['candidates']} | {tgt} | {top5} | {_f(t['self_agreement_at_10'])} | "
+        by_seeds = t.get("agreement_at_10_by_seeds") or {}  # absent from runs before it was measured
+        agree = " / ".join(_f(by_seeds.get(str(k))) for k in AGREEMENT_SEEDS) if by_seeds else "–"
+        lines.append(f"| {c['name']} | {c['candidates']} | {tgt} | {top5} | {_f(t['self_agreement_at_10'])} | {agree} | "
                      f"{t['cost']['unet_forward']:,} | {t['cost']['seconds']:.0f} |")
     if results["targets"]:
         lines += ["", f"Targets for the default mode (`{results['default_mode']}`):", "", "| target | met | figures |", "|---|---|---|"]

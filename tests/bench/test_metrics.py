@@ -34,3 +34,40 @@ def test_overlap_is_the_mean_over_pairs():
 
 def test_rate_per_ten_thousand():
     assert metrics.per_ten_thousand(1, 2000) == 5.0
+
+
+def _truth(per_seed):
+    import ground_truth
+
+    return ground_truth.Truth("hand-made", per_seed, {"seeds": 8}, {})
+
+
+def test_seed_agreement_is_high_for_separated_words_and_low_for_a_continuum():
+    import random
+
+    import run
+
+    rng = random.Random(0)
+    # 40 refined words (32 seeds) and 100 others (8 seeds); noise std 1
+    separated = {f"w{i}": [100.0 - 2 * i + rng.gauss(0, 1) for _ in range(32)] for i in range(40)}
+    separated.update({f"o{i}": [rng.gauss(0, 1) for _ in range(8)] for i in range(100)})
+    continuum = {f"w{i}": [10.0 - 0.01 * i + rng.gauss(0, 1) for _ in range(32)] for i in range(40)}
+    continuum.update({f"o{i}": [rng.gauss(0, 1) for _ in range(8)] for i in range(100)})
+    sep = run.seed_agreement(_truth(separated), list(separated))
+    cont = run.seed_agreement(_truth(continuum), list(continuum))
+    assert sorted(sep) == ["12", "4", "8"]  # 24 refinement seeds: 6, 3 and 2 groups
+    assert all(v == 1.0 for v in sep.values())
+    assert all(v < 0.6 for v in cont.values())
+    assert cont["12"] >= cont["4"] - 0.1  # more seeds per word agree at least about as well
+
+
+def test_seed_groups_skip_the_seeds_that_chose_the_refined_words():
+    import run
+
+    # the first 8 seeds favour w30..w39, every later seed w0..w9: the groups must see only the latter
+    per_seed = {f"w{i}": [float(i >= 30)] * 8 + [float(i < 10)] * 24 for i in range(40)}
+    truth = _truth(per_seed)
+    groups = truth.seed_group_rankings(list(per_seed), 4, skip=8)
+    assert len(groups) == 6
+    assert all(set(g[:10]) == {f"w{i}" for i in range(10)} for g in groups)
+    assert run.seed_agreement(truth, list(per_seed)) == {"4": 1.0, "8": 1.0, "12": 1.0}
