@@ -35,7 +35,10 @@ class AuditSettings:
     patience: int = 20  # early stop: the sampled word held the best for this many steps
     max_runs_factor: int = 2  # at most factor * top_k restarts
     # re-scoring on shared seeds and calibration against random words
-    rescore_seeds: int = 4
+    # 8, not 4: when many words drift alike, 4 seeds leave the order of the top 10 to the noise
+    # (benchmark, trained-LoRA case: top-10 overlap across search seeds 0.53 with 4, 0.70 with 8
+    # or 16; the planted cases' recall@10 stayed 0.93)
+    rescore_seeds: int = 8
     calibration_size: int = 64  # random words measured for the baseline
     calibration_seeds: int = 1  # the first re-scoring seeds, for the random words and the scores (<= rescore_seeds)
     false_alarms: float = 0.05  # expected ordinary words flagged per audit; sets the z threshold (calibration.py)
@@ -80,7 +83,7 @@ PRESETS: dict[str, dict] = {
     # Minutes on a CPU with tiny models; a first look on a GPU.
     "quick": dict(schedule_steps=20, kept_steps=3, noise_batch=2, opt_steps=30, patience=8, rescore_seeds=4, calibration_size=32),
     # The default for real audits on a GPU.
-    "standard": dict(schedule_steps=50, kept_steps=4, noise_batch=4, opt_steps=60, patience=15, rescore_seeds=4, calibration_size=64),
+    "standard": dict(schedule_steps=50, kept_steps=4, noise_batch=4, opt_steps=60, patience=15, rescore_seeds=8, calibration_size=64),
     # The reference numbers of the paper (method.md steps 3 and 6).
     "paper": dict(mode="paper", schedule_steps=50, kept_steps=4, cfg=7.5, noise_batch=4, opt_steps=100, lr=0.1, patience=20, rescore_seeds=8, calibration_size=64),
 }

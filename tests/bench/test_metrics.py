@@ -71,3 +71,57 @@ def test_seed_groups_skip_the_seeds_that_chose_the_refined_words():
     assert len(groups) == 6
     assert all(set(g[:10]) == {f"w{i}" for i in range(10)} for g in groups)
     assert run.seed_agreement(truth, list(per_seed)) == {"4": 1.0, "8": 1.0, "12": 1.0}
+
+
+def _results(date, commit, modes, case_names=("sd15-s0-null_identical",)):
+    def case(name):
+        return {"name": name, "kind": "null_identical", "recipe": {"kind": "null_identical"}, "candidates": 150,
+                "truth": {"cache_file": "x.pt"}, "errors": {},
+                "modes": {m: {"significant": {"per_10k": 0.0}, "overlap_at_10": 1.0, "ran_at": commit} for m in modes},
+                "runs": {m: [{"wall_seconds": 10.0}] for m in modes}, "settings_used": {m: {} for m in modes}}
+    return {"variant": "quick", "date": date, "machine": {"git_commit": commit}, "modes": list(modes),
+            "default_mode": "screen", "mode_settings": {m: {} for m in modes}, "only_kinds": {},
+            "cases": [case(n) for n in case_names],
+            "seconds": {"cases": 5.0, "truth_this_run": 7.0, "audits": 10.0 * len(modes), "total": 99.0}}
+
+
+def test_merge_replaces_one_mode_of_an_earlier_run():
+    import run
+
+    old = _results("2026-01-01 00:00 UTC", "aaa", ["screen", "scan", "paper"])
+    new = _results("2026-02-01 00:00 UTC", "bbb", ["screen", "scan"])
+    merged = run.merge([run.only_modes(old, ["paper"]), new])
+    case = merged["cases"][0]
+    assert list(case["modes"]) == ["screen", "scan", "paper"]  # the earlier run's order
+    assert {m: case["modes"][m]["ran_at"] for m in case["modes"]} == {"screen": "bbb", "scan": "bbb", "paper": "aaa"}
+    assert merged["seconds"]["audits"] == 30.0  # the kept paper audit (10 s) and the new run's 20 s
+    assert [(r["commit"], r["modes"]) for r in merged["merged"]] == [("aaa", ["paper"]), ("bbb", ["screen", "scan"])]
+    assert "(paper only)" in run._resumed(merged)
+
+
+def test_merge_refuses_a_mode_measured_twice_or_a_case_built_differently():
+    import run
+
+    old = _results("2026-01-01 00:00 UTC", "aaa", ["screen", "paper"])
+    new = _results("2026-02-01 00:00 UTC", "bbb", ["screen"])
+    with pytest.raises(SystemExit, match="screen of case sd15-s0-null_identical"):
+        run.merge([old, new])
+    other = run.only_modes(old, ["paper"])
+    other["cases"][0]["truth"] = {"cache_file": "another-truth.pt"}
+    with pytest.raises(SystemExit, match="built differently"):
+        run.merge([other, new])
+
+
+def test_targets_take_a_mean_of_tenths_at_its_value():
+    import run
+
+    overlap = metrics.mean([0.6, 0.7, 0.8])
+    assert overlap < 0.7  # 0.6999999999999998: a plain >= would miss a target met exactly
+    results = _results("2026-01-01 00:00 UTC", "aaa", ["screen"])
+    results["cases"][0].update(kind="planted")
+    results["cases"][0]["modes"]["screen"].update(recall_at_10={"mean": metrics.mean([1.0, 0.9, 0.8])}, overlap_at_10=overlap)
+    met = {t["target"]: t["met"] for t in run.targets_check(results)}
+    assert met == {"recall@10 >= 0.9 on every planted case": True,
+                   "top-10 overlap across search seeds >= 0.7 (non-null cases)": True}
+    results["cases"][0]["modes"]["screen"]["overlap_at_10"] = metrics.mean([0.6, 0.7, 0.7])
+    assert not [t for t in run.targets_check(results) if "overlap" in t["target"]][0]["met"]
