@@ -502,7 +502,8 @@ def merge(parts: Sequence[dict]) -> dict:
     in_order = lambda d: {m: d[m] for m in modes if m in d}  # noqa: E731
     cases = {n: {**c, **{k: in_order(c[k]) for k in ("modes", "runs", "settings_used", "errors")}} for n, c in cases.items()}
     order = [s.name for s in VARIANTS[first["variant"]].specs]
-    merged = {**first, "cases": sorted(cases.values(), key=lambda c: order.index(c["name"]) if c["name"] in order else len(order)),
+    latest = max(parts, key=lambda p: p["date"])  # its machine, commit and settings head the table
+    merged = {**latest, "cases": sorted(cases.values(), key=lambda c: order.index(c["name"]) if c["name"] in order else len(order)),
               "modes": modes,
               "mode_settings": {m: v for p in parts for m, v in p["mode_settings"].items()},
               "only_kinds": {m: v for p in parts for m, v in p.get("only_kinds", {}).items()},
