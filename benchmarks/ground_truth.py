@@ -79,14 +79,16 @@ class Truth:
         """`words` sorted by mean truth drift, most drifted first (ties by word)."""
         return sorted(words, key=lambda w: (-self.mean(w), w))
 
+    def _ranking_by(self, words: Sequence[str], part: Callable[[list[float]], list[float]]) -> list[str]:
+        """`words` sorted by the mean over `part` of each word's per-seed drifts, most drifted first."""
+        def m(w):
+            v = part(self.per_seed[w])
+            return sum(v) / len(v)
+        return sorted(words, key=lambda w: (-m(w), w))
+
     def half_ranking(self, words: Sequence[str], half: int) -> list[str]:
         """Ranking by the mean over one half of each word's seeds (0: first half, 1: second half)."""
-        def m(w):
-            v = self.per_seed[w]
-            n = len(v) // 2
-            part = v[:n] if half == 0 else v[n:]
-            return sum(part) / len(part)
-        return sorted(words, key=lambda w: (-m(w), w))
+        return self._ranking_by(words, lambda v: v[: len(v) // 2] if half == 0 else v[len(v) // 2 :])
 
     def seed_group_rankings(self, words: Sequence[str], k: int, skip: int) -> list[list[str]]:
         """Rankings of the words measured on the most seeds (the refined top), each by the mean
@@ -96,11 +98,8 @@ class Truth:
         words among all candidates."""
         most = max(self.seed_count(w) for w in words)
         pool = [w for w in words if self.seed_count(w) == most]
-        groups = []
-        for g in range((most - skip) // k):
-            lo = skip + g * k
-            groups.append(sorted(pool, key=lambda w: (-sum(self.per_seed[w][lo : lo + k]) / k, w)))
-        return groups
+        starts = range(skip, most - k + 1, k)
+        return [self._ranking_by(pool, lambda v, lo=lo: v[lo : lo + k]) for lo in starts]
 
 
 def cache_path(case, settings: TruthSettings, cache_dir: Path = CACHE_DIR) -> Path:

@@ -287,7 +287,7 @@ def _at_least(value: float | None, floor: float) -> bool:
 
 
 def _at_most(value: float | None, ceiling: float) -> bool:
-    return value is not None and round(ceiling - value, 9) >= 0
+    return value is not None and _at_least(ceiling, value)
 
 
 def targets_check(results: dict) -> list[dict]:
@@ -442,6 +442,9 @@ def run_benchmark(env, variant: Variant, modes: Sequence[str] | None = None, out
     return results
 
 
+PER_MODE = ("modes", "runs", "settings_used", "errors")  # a case's entries keyed by mode
+
+
 def only_modes(results: dict, modes: Sequence[str]) -> dict:
     """`results` restricted to `modes` (cases that ran none of them are dropped): the part of an
     earlier run that is kept when a merge replaces its other modes."""
@@ -449,13 +452,14 @@ def only_modes(results: dict, modes: Sequence[str]) -> dict:
     cases = []
     for c in results["cases"]:
         if any(m in c["modes"] for m in keep):
-            cases.append({**c, **{k: {m: v for m, v in c[k].items() if m in keep}
-                                  for k in ("modes", "runs", "settings_used", "errors")}})
-    runs = [{**r, "modes": [m for m in r.get("modes", results["modes"]) if m in keep],
-             "cases": [n for n in r["cases"] if n in {c["name"] for c in cases}]} for r in _provenance(results)]
+            cases.append({**c, **{k: {m: v for m, v in c[k].items() if m in keep} for k in PER_MODE}})
+    names = {c["name"] for c in cases}
+    runs = [{**r, "modes": [m for m in r["modes"] if m in keep], "cases": [n for n in r["cases"] if n in names]}
+            for r in _provenance(results)]
     # only the kept audits' time can be told apart; case building and truth stay with the run that re-ran
     audits = sum(r["wall_seconds"] for c in cases for rs in c["runs"].values() for r in rs)
-    return {**results, "modes": keep, "mode_order": results.get("mode_order", results["modes"]), "cases": cases, "merged": [r for r in runs if r["cases"] and r["modes"]],
+    return {**results, "modes": keep, "mode_order": results.get("mode_order", results["modes"]), "cases": cases,
+            "merged": [r for r in runs if r["cases"] and r["modes"]],
             "mode_settings": {m: v for m, v in results["mode_settings"].items() if m in keep},
             "seconds": {"cases": 0.0, "truth_this_run": 0.0, "audits": audits, "total": audits}}
 
@@ -496,11 +500,10 @@ def merge(parts: Sequence[dict]) -> dict:
                 raise SystemExit(f"cannot merge: mode(s) {', '.join(sorted(clash))} of case {c['name']} are in more than one run")
             if not _same_case(prev, c):
                 raise SystemExit(f"cannot merge: case {c['name']} was built differently (recipe, candidates or truth) in two runs")
-            cases[c["name"]] = {**c, **{k: {**prev[k], **c[k]} for k in ("modes", "runs", "settings_used", "errors")}}
+            cases[c["name"]] = {**c, **{k: {**prev[k], **c[k]} for k in PER_MODE}}
     ran = {m for p in parts for m in p["modes"]}
     modes = [m for m in dict.fromkeys(m for p in parts for m in p.get("mode_order", p["modes"])) if m in ran]
-    in_order = lambda d: {m: d[m] for m in modes if m in d}  # noqa: E731
-    cases = {n: {**c, **{k: in_order(c[k]) for k in ("modes", "runs", "settings_used", "errors")}} for n, c in cases.items()}
+    cases = {n: {**c, **{k: {m: c[k][m] for m in modes if m in c[k]} for k in PER_MODE}} for n, c in cases.items()}
     order = [s.name for s in VARIANTS[first["variant"]].specs]
     latest = max(parts, key=lambda p: p["date"])  # its machine, commit and settings head the table
     merged = {**latest, "cases": sorted(cases.values(), key=lambda c: order.index(c["name"]) if c["name"] in order else len(order)),
@@ -631,7 +634,7 @@ def main(argv=None) -> int:
     if a.merge:
         parts = []
         for arg in a.merge:
-            path, _, keep = arg.rpartition(":") if not Path(arg).is_file() else (arg, "", "")
+            path, keep = (arg, "") if Path(arg).is_file() or ":" not in arg else arg.rsplit(":", 1)
             part = json.loads(Path(path).read_text(encoding="utf-8"))
             parts.append(only_modes(part, keep.split(",")) if keep else part)
         results = merge(parts)
