@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = ROOT / ".comfyui" / "ComfyUI"
 MODELS = ROOT / ".demo" / "comfy" / "models"
 
 
@@ -27,11 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--paper-top-k", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = parser.parse_args(argv)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_models.py"), "--comfy", str(COMFY_DIR), "--out", str(MODELS)],
-                   check=True, stdout=subprocess.DEVNULL)
     import environment  # benchmarks/environment.py, next to this file: in-process ComfyUI with the pack
 
-    pack = environment.load(COMFY_DIR, threads=None).pack
+    comfy_dir = environment.comfy_dir()  # DRIFTSCOPE_COMFYUI, else .comfyui/ComfyUI (0.33.0)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_models.py"), "--comfy", str(comfy_dir), "--out", str(MODELS)],
+                   check=True, stdout=subprocess.DEVNULL)
+    pack = environment.load(comfy_dir, threads=None).pack
     import torch
     import comfy.sd
     import comfy.utils

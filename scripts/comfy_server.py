@@ -46,10 +46,38 @@ __all__ = [
     "PromptRejected",
     "PromptFailed",
     "load_api_workflow",
+    "default_comfy_dir",
+    "default_front_end_root",
+    "frontend_root",
     "outputs_of",
 ]
 
 LOOPBACK = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+# Which ComfyUI the demo, the tests and the benchmarks run (scripts/setup.sh makes both):
+# DRIFTSCOPE_COMFYUI names its folder (default: ComfyUI 0.33.0 in .comfyui/ComfyUI), and
+# DRIFTSCOPE_FRONTEND_ROOT a frontend to serve instead of the one installed in the venv
+# (passed as --front-end-root; `make test` serves 0.3.75 the frontend it pins).
+COMFY_ENV = "DRIFTSCOPE_COMFYUI"
+FRONTEND_ENV = "DRIFTSCOPE_FRONTEND_ROOT"
+DEFAULT_COMFY_DIR = ROOT / ".comfyui" / "ComfyUI"
+
+
+def default_comfy_dir() -> Path:
+    """The ComfyUI folder selected by DRIFTSCOPE_COMFYUI, else .comfyui/ComfyUI."""
+    return Path(os.environ.get(COMFY_ENV) or DEFAULT_COMFY_DIR).resolve()
+
+
+def default_front_end_root() -> Path | None:
+    """The frontend folder selected by DRIFTSCOPE_FRONTEND_ROOT, else None (the venv's)."""
+    value = os.environ.get(FRONTEND_ENV)
+    return Path(value).resolve() if value else None
+
+
+def frontend_root(version: str) -> Path:
+    """Static files of a frontend package that scripts/setup.sh installed under .comfyui/."""
+    return ROOT / ".comfyui" / f"frontend-{version}" / "comfyui_frontend_package" / "static"
+
 STARTUP_TIMEOUT = 120.0
 STOP_GRACE = 10.0
 LOG_TAIL_LINES = 60
@@ -168,11 +196,14 @@ class ComfyServer:
     def __init__(self, comfy_dir, python=sys.executable, port=None, extra_args=(),
                  base_directory=None, env=None, log_path=None, *,
                  custom_nodes=None, startup_timeout=STARTUP_TIMEOUT,
-                 request_timeout=60.0):
+                 request_timeout=60.0, front_end_root="env"):
         self.comfy_dir = Path(comfy_dir).resolve()
         self.python = os.fspath(python)
         self._port = port
         self.extra_args = [os.fspath(a) for a in extra_args]
+        # "env": DRIFTSCOPE_FRONTEND_ROOT if set; None: the frontend installed in the venv
+        self.front_end_root = default_front_end_root() if front_end_root == "env" else (
+            Path(front_end_root).resolve() if front_end_root is not None else None)
         self.base_directory = Path(base_directory).resolve() if base_directory is not None else None
         self.env = dict(env or {})
         if log_path is not None:
@@ -234,6 +265,8 @@ class ComfyServer:
             if "--database-url" not in self.extra_args:
                 db = self.base_directory / "user" / "comfyui.db"
                 cmd += ["--database-url", "sqlite:///" + db.as_posix()]
+        if self.front_end_root is not None and "--front-end-root" not in self.extra_args:
+            cmd += ["--front-end-root", str(self.front_end_root)]
         return cmd + self.extra_args
 
     def _prepare_base_directory(self) -> None:

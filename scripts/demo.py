@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = ROOT / ".comfyui" / "ComfyUI"
 AUDIT, GRID_SAVE, REPORT_SAVE = "10", "12", "13"
 
 # What the demo changes in the shipped workflows: the tiny demo files instead of the user's
@@ -50,19 +49,23 @@ def demo_overrides(prompt: dict, workflow: str = "lora_side_effects") -> dict:
 
 def ensure_models(models_dir: Path) -> dict:
     """Generate the demo models (once; a stamp file says when they are current)."""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_models.py"), "--comfy", str(COMFY_DIR),
+    import comfy_server as harness  # scripts/comfy_server.py, next to this file
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_models.py"), "--comfy", str(harness.default_comfy_dir()),
                     "--out", str(models_dir)], check=True)
     return json.loads((models_dir / "planted.json").read_text())
 
 
 def run_demo(workflow: str, work_dir: Path, timeout: float = 1200.0) -> int:
     import comfy_server as harness  # scripts/comfy_server.py, next to this file
+
+    comfy_dir = harness.default_comfy_dir()  # DRIFTSCOPE_COMFYUI, else .comfyui/ComfyUI (0.33.0)
     base_dir = work_dir / "comfy"
     t0 = time.perf_counter()
     planted = ensure_models(base_dir / "models")
     t_models = time.perf_counter() - t0
     prompt = demo_overrides(harness.load_api_workflow(ROOT / "workflows" / "api" / f"{workflow}.json"), workflow)
-    with harness.ComfyServer(COMFY_DIR, base_directory=base_dir) as server:
+    with harness.ComfyServer(comfy_dir, base_directory=base_dir) as server:
         print(f"[demo] ComfyUI {server.url} up in {server.startup_seconds:.1f}s; queueing {workflow}", flush=True)
         t1 = time.perf_counter()
         entry = server.run(prompt, timeout=timeout)

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = ROOT / ".comfyui" / "ComfyUI"
 API_DIR = ROOT / "workflows" / "api"
 UI_DIR = ROOT / "workflows"
 VIEWPORT = {"width": 1600, "height": 900}
@@ -173,7 +172,7 @@ def export(names=None, screenshots: Path | None = None, out_dir: Path = UI_DIR) 
         raise FileNotFoundError(f"no API workflows to export in {API_DIR}")
     written = []
     with tempfile.TemporaryDirectory(prefix="driftscope-export-") as tmp, \
-            harness.ComfyServer(COMFY_DIR, base_directory=Path(tmp) / "comfy") as server, \
+            harness.ComfyServer(harness.default_comfy_dir(), base_directory=Path(tmp) / "comfy") as server, \
             sync_playwright() as p:
         context, page = open_editor(p, server, Path(tmp) / "chromium")
         try:

@@ -1,8 +1,8 @@
 """Fixtures for tests that run a real ComfyUI server (see scripts/comfy_server.py).
 
-ComfyUI is expected at <repo>/.comfyui/ComfyUI (made by scripts/setup.sh). When it
-is missing the live tests are skipped, except in CI (env var CI set), where a
-missing ComfyUI is an error.
+ComfyUI is expected where DRIFTSCOPE_COMFYUI points, by default <repo>/.comfyui/ComfyUI
+(ComfyUI 0.33.0, made by scripts/setup.sh). When it is missing the live tests are skipped,
+except in CI (env var CI set), where a missing ComfyUI is an error.
 """
 
 import os
@@ -12,7 +12,7 @@ import comfy_server as comfy_server_harness  # scripts/ is on pytest's pythonpat
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMFY_DIR = REPO_ROOT / ".comfyui" / "ComfyUI"
+COMFY_DIR = comfy_server_harness.default_comfy_dir()
 
 
 def _in_ci() -> bool:

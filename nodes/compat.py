@@ -1,0 +1,73 @@
+"""Everything that differs between the ComfyUI versions the pack supports (0.3.75 to 0.33.x),
+in one place. Each difference is a feature check (`hasattr`, a dataclass field), never a version
+string, so a release that back-ports or renames a feature keeps working.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+
+
+# -- node schema --------------------------------------------------------------------------------
+_SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def schema(**options) -> io.Schema:
+    """io.Schema with the options this ComfyUI knows; newer ones (`search_aliases` since 0.8,
+    `has_intermediate_output` since 0.16) are left out where the Schema has no such field."""
+    return io.Schema(**{k: v for k, v in options.items() if k in _SCHEMA_FIELDS})
+
+
+# -- patched weights ----------------------------------------------------------------------------
+def patched_state_dict(patcher) -> dict[str, torch.Tensor]:
+    """The patcher's weights with its patches (a LoRA) applied, on the CPU, leaving the patcher as
+    it was.
+
+    ComfyUI 0.22+ has `model_state_dict_for_saving()`, which computes each patched weight on
+    demand and works for the legacy patcher and for Dynamic VRAM's ModelPatcherDynamic alike
+    (the dynamic one refuses `load_models_gpu(..., force_patch_weights=True)`; ComfyUI's own
+    CLIPSave moved to this call for that reason). Older ComfyUI only has the legacy patcher,
+    where loading with patched weights and reading the module's state dict is the way.
+    """
+    if hasattr(patcher, "model_state_dict_for_saving"):
+        return {k: v.to("cpu") for k, v in patcher.model_state_dict_for_saving().items()}
+    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True, force_full_load=True)
+    return {k: v.detach().to("cpu") for k, v in patcher.model.state_dict().items()}
+
+
+def is_dynamic(patcher) -> bool:
+    """True for Dynamic VRAM's ModelPatcherDynamic (0.16+, NVIDIA); False before it existed."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def non_dynamic(patcher):
+    """A clone that is a classic ModelPatcher (weights resident while loaded), for code that needs
+    weight wrappers to run at every forward pass, such as gradients through the weights.
+    A classic patcher's clone is returned as it is."""
+    if is_dynamic(patcher) and hasattr(patcher, "get_non_dynamic_delegate"):
+        return patcher.get_non_dynamic_delegate()
+    return patcher.clone()
+
+
+# -- text encoders ------------------------------------------------------------------------------
+def clip_layer_index(layer_idx) -> int | None:
+    """CLIP.layer_idx as one layer index: None (the encoder's default), an int, or (newer loaders
+    and CLIPSetLastLayer on multi-encoder models) a list with one index per encoder, which must
+    agree for the single-encoder families the pack supports."""
+    if layer_idx is None or isinstance(layer_idx, int):
+        return layer_idx
+    values = {int(v) for v in layer_idx}
+    if len(values) != 1:
+        raise ValueError(f"CLIP.layer_idx {list(layer_idx)} gives different layers per text encoder")
+    return values.pop()
+
+
+# -- cancel ---------------------------------------------------------------------------------------
+def interrupt_exception() -> type[BaseException]:
+    """The exception ComfyUI raises when the user cancels. It derives from BaseException since
+    0.20, so `except Exception` does not see it there: clean-up code uses `finally`."""
+    return comfy.model_management.InterruptProcessingException
