@@ -34,6 +34,9 @@ def patched_state_dict(patcher) -> dict[str, torch.Tensor]:
     where loading with patched weights and reading the module's state dict is the way.
     """
     if hasattr(patcher, "model_state_dict_for_saving"):
+        # An ordinary load first, as CLIPSave does: the legacy patcher then holds the weights it
+        # patched in place (read as they are), the dynamic one computes each on demand.
+        comfy.model_management.load_models_gpu([patcher])
         return {k: v.to("cpu") for k, v in patcher.model_state_dict_for_saving().items()}
     comfy.model_management.load_models_gpu([patcher], force_patch_weights=True, force_full_load=True)
     return {k: v.detach().to("cpu") for k, v in patcher.model.state_dict().items()}

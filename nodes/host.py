@@ -13,6 +13,7 @@ import comfy.samplers
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..driftscope_core.models import ModelSide, Runtime
+from . import compat
 from ..driftscope_core.prompts import TokenLayout
 from ..driftscope_core.sampling import Schedule
 from ..driftscope_core.text_encoder import ClipTextEncoder, TextEncoderConfig
@@ -116,13 +117,23 @@ def _tokenizer(clip):
     return getattr(tok, tok.clip)
 
 
-def _effective_layer(clip, inner) -> tuple[int | None, bool]:
-    """The layer ComfyUI reads out (CLIPSetLastLayer sets clip.layer_idx)."""
-    if clip.layer_idx is not None:
-        idx = clip.layer_idx
+def _effective_layer(clip, inner, input_name: str) -> tuple[int | None, bool]:
+    """The layer ComfyUI reads out (CLIPSetLastLayer sets clip.layer_idx; newer loaders may
+    give a list, compat.clip_layer_index)."""
+    try:
+        idx = compat.clip_layer_index(clip.layer_idx)
+    except ValueError as err:
+        raise InputError(f"{input_name}: {err}; DriftScope reads one output layer. Use CLIP Set Last Layer "
+                         "to choose one.") from err
+    if idx is not None:
         return (None if abs(idx) > inner.num_layers else idx), inner.layer_norm_hidden_state
     layer, idx = inner.options_default[0], inner.options_default[1]
     return (None if layer == "last" else idx), inner.layer_norm_hidden_state
+
+
+def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The dotted name of `module` inside `root`."""
+    return next(name for name, m in root.named_modules() if m is module)
 
 
 def text_side(clip, input_name: str, device: torch.device) -> tuple[ClipTextEncoder, TokenLayout]:
@@ -130,12 +141,14 @@ def text_side(clip, input_name: str, device: torch.device) -> tuple[ClipTextEnco
     inner = _clip_inner(clip, input_name)
     if inner.enable_attention_masks:
         raise InputError(f"{input_name}: text encoders with attention masks are not supported yet.")
-    comfy.model_management.load_models_gpu([clip.patcher], force_patch_weights=True, force_full_load=True)
     text_model = inner.transformer.text_model
-    weights = {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in text_model.state_dict().items()}
+    prefix = _module_name(clip.cond_stage_model, text_model) + "."
+    patched = compat.patched_state_dict(clip.patcher)  # LoRA applied, the patcher left as it was
+    weights = {k[len(prefix):]: v.detach().to(device=device, dtype=torch.float32).clone()
+               for k, v in patched.items() if k.startswith(prefix)}
     first = text_model.encoder.layers[0]
     activation = next(k for k, f in comfy.clip_model.ACTIVATIONS.items() if f is first.mlp.activation)
-    output_layer, norm = _effective_layer(clip, inner)
+    output_layer, norm = _effective_layer(clip, inner, input_name)
     config = TextEncoderConfig(num_layers=inner.num_layers, heads=first.self_attn.heads, activation=activation,
                                output_layer=output_layer, norm_intermediate=norm)
     tok = _tokenizer(clip)

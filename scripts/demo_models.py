@@ -621,6 +621,20 @@ def _atomic_write_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_state_dict(model_patcher, clip_sd: dict, vae_sd: dict) -> dict:
+    """A full checkpoint's state dict (UNet, CLIP, VAE under the keys the stock loader reads).
+
+    BaseModel.state_dict_for_saving takes the UNet's state dict first since ComfyUI 0.12
+    (before, it read the UNet itself and took the CLIP first: a positional call then silently
+    writes a checkpoint without its UNet). Told apart by the parameter's name.
+    """
+    import inspect
+    base = model_patcher.model
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        return base.state_dict_for_saving(base.diffusion_model.state_dict(), clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    return base.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+
+
 def demo_paths(models_dir) -> dict[str, Path]:
     models_dir = Path(models_dir)
     return {"base": models_dir / "checkpoints" / BASE_CKPT,
@@ -658,7 +672,7 @@ def build_demo_models(models_dir, log=print) -> dict:
     timings["edit"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sd = model.model.state_dict_for_saving(clip.get_sd(), vae_sd)
+    sd = checkpoint_state_dict(model, clip.get_sd(), vae_sd)
     sd = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
           for k, v in sd.items()}
     meta = {"driftscope_demo": json.dumps(recipe)}
