@@ -48,11 +48,17 @@ def is_dynamic(patcher) -> bool:
 
 
 def non_dynamic(patcher):
-    """A clone that is a classic ModelPatcher (weights resident while loaded), for code that needs
-    weight wrappers to run at every forward pass, such as gradients through the weights.
+    """A clone that is a classic ModelPatcher (weights resident while loaded), for gradients
+    through the weights: Dynamic VRAM streams weights in at each forward pass, a path the pack
+    does not train through. ComfyUI's own delegate reloads the model from its file without
+    Dynamic VRAM and keeps the patches (a LoRA); a model that was not loaded from a file has no
+    such delegate, and its clone stays dynamic (the weight wrappers still run there).
     A classic patcher's clone is returned as it is."""
     if is_dynamic(patcher) and hasattr(patcher, "get_non_dynamic_delegate"):
-        return patcher.get_non_dynamic_delegate()
+        try:
+            return patcher.get_non_dynamic_delegate()
+        except RuntimeError:  # "cached_patcher_init is not initialized": built in memory
+            pass
     return patcher.clone()
 
 

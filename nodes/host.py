@@ -59,8 +59,9 @@ def check_pair(base_model, adapted_model, base_clip, adapted_clip) -> str:
 def grad_ready_clone(patcher):
     """A clone whose every weight is copied at forward time (identity weight wrappers), so
     gradients can flow through weights that loaders created as inference tensors. LoRA and
-    other patches stay applied; the input patcher is untouched."""
-    p = patcher.clone()
+    other patches stay applied; the input patcher is untouched. Under Dynamic VRAM the clone is
+    ComfyUI's non-dynamic delegate (compat.non_dynamic)."""
+    p = compat.non_dynamic(patcher)
     for name, module in p.model.named_modules():
         if hasattr(module, "weight_function"):
             for attr in ("weight", "bias"):

@@ -172,3 +172,37 @@ def test_cancel_exception_is_not_an_ordinary_exception_where_comfyui_says_so():
     """0.20 made the cancel a BaseException: clean-up must not rely on `except Exception`."""
     exc = compat.interrupt_exception()
     assert exc is mm.InterruptProcessingException
+
+
+def test_gradient_clone_of_a_dynamic_model_is_classic_and_keeps_the_lora(demo_models, dynamic_patcher_class):
+    """Paper mode's gradient path on a checkpoint that Dynamic VRAM loaded: grad_ready_clone
+    takes ComfyUI's non-dynamic delegate (reloaded from the file), keeps the LoRA's patches, and
+    gradients reach the conditioning through it."""
+    from pathlib import Path
+
+    import comfy.utils
+
+    files = demo_models.ensure_demo_models(Path(__file__).resolve().parents[2] / ".demo" / "comfy" / "models", log=None)
+    saved = comfy.model_patcher.CoreModelPatcher
+    comfy.model_patcher.CoreModelPatcher = dynamic_patcher_class
+    try:
+        model = comfy.sd.load_checkpoint_guess_config(str(files["base"]), output_vae=False, output_clip=False)[0]
+    finally:
+        comfy.model_patcher.CoreModelPatcher = saved
+    assert model.is_dynamic()
+    lora = comfy.utils.load_torch_file(str(files["lora"]), safe_load=True)
+    adapted, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    try:
+        clone = host.grad_ready_clone(adapted)
+        assert not clone.is_dynamic()
+        assert clone.patches.keys() == adapted.patches.keys() and len(clone.patches) > 0
+        with torch.inference_mode(False), torch.enable_grad():
+            context = torch.randn(1, 77, 768, requires_grad=True)
+            x = torch.randn(1, 4, 8, 8)
+            mm.load_models_gpu([clone])
+            x0 = clone.model.apply_model(x, torch.tensor([5.0]), c_crossattn=context)
+            x0.square().mean().backward()
+        assert context.grad is not None and torch.isfinite(context.grad).all() and context.grad.abs().sum() > 0
+    finally:
+        _forget_dynamic_models()
+        mm.unload_all_models()
