@@ -4,10 +4,31 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import asdict, dataclass, field
+
+from .vocabulary import visible
 
 REPORT_VERSION = 2  # 2: calibrated scores on log drift, baseline log_scale
 CSV_COLUMNS = ("rank", "token", "token_ids", "drift", "spread", "calibrated", "percentile", "significant", "direction", "search_drift")
+# OWASP's CSV-injection rule (and ASVS 1.2.10): a spreadsheet runs a cell that starts with one
+# of these as a formula, so such a text cell gets a leading single quote and shows as text.
+FORMULA_STARTS = ("=", "+", "-", "@")
+LEADING_CONTROLS = ("\t", "\r", "\0")
+_LEADING_BLANKS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]*")  # whitespace and control characters
+
+
+def csv_text(cell: str) -> str:
+    """A text cell made safe for a spreadsheet. First OWASP's rule: a cell that begins with a
+    tab, a carriage return or NUL, or whose first character past leading whitespace and control
+    characters is =, +, - or @, gets a leading single quote. Then every control character (C0,
+    DEL, C1: NUL, ESC, tab, newline, ...), line separator and bidirectional formatting character
+    (U+202E ...) is written as an escape such as \\x00 (vocabulary.visible), so none reaches the
+    file raw. Numbers are not text cells: the pack's own -1.5 stays a number."""
+    rest = cell[_LEADING_BLANKS.match(cell).end():]
+    if cell.startswith(LEADING_CONTROLS) or rest.startswith(FORMULA_STARTS):
+        cell = "'" + cell
+    return visible(cell)
 
 
 @dataclass
@@ -52,26 +73,31 @@ class DriftReport:
         return DriftReport(**data)
 
     def to_csv(self) -> str:
+        """The ranked table as CSV, one line per entry. Every text cell goes through csv_text
+        (no formulas, no raw control characters); numbers and flags are written as they are.
+        The JSON (to_json) keeps the exact text."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(CSV_COLUMNS)
         for e in self.entries:
             row = asdict(e)
             row["token_ids"] = " ".join(map(str, e.token_ids))
-            w.writerow([row[c] for c in CSV_COLUMNS])
+            w.writerow([csv_text(row[c]) if isinstance(row[c], str) else row[c] for c in CSV_COLUMNS])
         return buf.getvalue()
 
     def table(self) -> str:
-        """The ranked table as plain text, for the node and the terminal."""
+        """The ranked table as plain text, for the node and the terminal. Control and
+        bidirectional formatting characters in the text are shown escaped (vocabulary.visible),
+        so a token cannot garble the terminal or reorder the line."""
         head = "most drifted" if self.settings.get("direction") == "most" else "least drifted"
         lines = [
             f"DriftScope: {len(self.entries)} {head} of {self.vocabulary['size']} words "
-            f"({self.vocabulary['name']}), objective {self.settings.get('objective')}, mode {self.settings.get('mode')}",
+            + visible(f"({self.vocabulary['name']}), objective {self.settings.get('objective')}, mode {self.settings.get('mode')}"),
             f"{'#':>3}  {'token':<20} {'drift':>10} {'spread':>9} {'z':>7}  flag",
         ]
         for e in self.entries:
             flag = "*" if e.significant else ""
-            lines.append(f"{e.rank:>3}  {e.token[:20]:<20} {e.drift:>10.4g} {e.spread:>9.2g} {e.calibrated:>7.1f}  {flag}")
+            lines.append(f"{e.rank:>3}  {visible(e.token)[:20]:<20} {e.drift:>10.4g} {e.spread:>9.2g} {e.calibrated:>7.1f}  {flag}")
         b = self.baseline
         lines.append(f"baseline: {b['size']} random words, median {b['median']:.4g}, robust sd of log drift {b['log_scale']:.2g}; * = z >= {b['z_threshold']:.2f}")
         return "\n".join(lines)
