@@ -286,6 +286,40 @@ def caption_use(base_model, latents, captions, empty, labels, seed: int, n: int 
     return out
 
 
+# TrainLoraNode inputs that newer ComfyUI added (bucket_mode 0.6; bypass_mode, checkpoint_depth,
+# offloading, quantized_backward 0.19): passed at these values, each the node's own default and
+# each leaving training as 0.3.75 did it, where the node has the parameter.
+NEWER_TRAINING_INPUTS = dict(bucket_mode=False, bypass_mode=False, checkpoint_depth=1, offloading=False,
+                             quantized_backward=False)
+
+
+def _newer_training_inputs(node) -> dict:
+    """NEWER_TRAINING_INPUTS that `node.execute` takes (a feature check), as the node's input lists."""
+    import inspect
+
+    params = inspect.signature(node.execute).parameters
+    return {k: [v] for k, v in NEWER_TRAINING_INPUTS.items() if k in params}
+
+
+def _reloadable(model):
+    """A clone that newer TrainLoraNode can copy. Since 0.19 it trains on a deep copy that it
+    makes by reloading the model from its file (`cached_patcher_init`, which ComfyUI's loaders
+    set); an in-process model has no file, so its clone gets a loader that copies it in memory."""
+    if getattr(model, "cached_patcher_init", "absent") is not None:
+        return model  # 0.3.75 (no such attribute) or a model loaded from a file
+    import comfy.model_patcher
+
+    def reload(disable_dynamic=True):
+        base = model.model
+        fresh = type(base)(base.model_config, model_type=base.model_type)
+        fresh.load_state_dict(base.state_dict())  # the stored weights: a base's patches stay in its patcher
+        return comfy.model_patcher.ModelPatcher(fresh, model.load_device, model.offload_device)
+
+    clone = model.clone()
+    clone.cached_patcher_init = (reload, ())
+    return clone
+
+
 def train_lora(model, clip, vae, seed: int, size: int, latent_scale: float, settings: dict = LORA_TRAINING):
     """ComfyUI's TrainLoraNode on tiger images captioned LORA_PROMPT; returns (adapted model, info).
     `latent_scale`: what the VAE's latents are divided by (see teach_concepts)."""
@@ -300,7 +334,8 @@ def train_lora(model, clip, vae, seed: int, size: int, latent_scale: float, sett
         with torch.random.fork_rng():  # the node draws batches and timesteps from the global RNG
             torch.manual_seed(seed)
             out = TrainLoraNode.execute(
-                model=[model], latents=[{"samples": latents[i : i + 1]} for i in range(latents.shape[0])],
+                **_newer_training_inputs(TrainLoraNode),
+                model=[_reloadable(model)], latents=[{"samples": latents[i : i + 1]} for i in range(latents.shape[0])],
                 positive=[cond], batch_size=[settings["batch_size"]], steps=[settings["steps"]],
                 grad_accumulation_steps=[1], learning_rate=[settings["learning_rate"]], rank=[settings["rank"]],
                 optimizer=[settings["optimizer"]], loss_function=[settings["loss_function"]], seed=[seed],
@@ -308,7 +343,7 @@ def train_lora(model, clip, vae, seed: int, size: int, latent_scale: float, sett
                 gradient_checkpointing=[False], existing_lora=["[None]"])
     finally:
         comfy.utils.PROGRESS_BAR_ENABLED = bar
-    _trained, lora, loss_map, _steps = out.result
+    lora, loss_map, _steps = out.result[-3:]  # 0.3.75 also returned the trained model first
     adapted = LoraModelLoader.execute(model, lora, 1.0).result[0]
     losses = loss_map["loss"]
     tail = max(1, len(losses) // 4)

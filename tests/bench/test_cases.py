@@ -32,3 +32,14 @@ def test_teaching_makes_the_base_use_its_captions(bench_env):
     assert info["teaching_loss_last_50"] < 0.5 * info["teaching_loss_first_50"]
     assert info["loss_own_caption"] < 0.8 * info["loss_shuffled_caption"], info
     assert info["loss_own_caption"] < info["loss_empty_caption"], info
+
+
+def test_comfyui_train_lora_node_trains_on_this_comfyui(bench_env):
+    """The trained-LoRA case calls ComfyUI's TrainLoraNode, whose required inputs grew after
+    0.3.75 (five more by 0.19): a short run must train a LoRA that changes the model here."""
+    model, clip, vae = bench_env.demo_models.tiny_sd15(0)
+    settings = dict(case_lib.LORA_TRAINING, images=2, steps=4, batch_size=1)
+    with case_lib.one_thread():
+        adapted, info = case_lib.train_lora(model, clip, vae, seed=0, size=32, latent_scale=1.0, settings=settings)
+    assert info["lora_tensors"] > 0 and info["weight_patches"] > 0
+    assert case_lib.effective_weights_digest(adapted) != case_lib.effective_weights_digest(model)
