@@ -14,6 +14,7 @@ from ..driftscope_core.settings import DIRECTIONS, MODES, PRESETS, settings_from
 from ..driftscope_core.vocabulary import build_vocabulary
 from . import host
 from .progress import node_progress, send_text
+from . import compat
 from .sockets import DriftReportType
 
 VOCABULARIES = ("cifar100", "cifar10", "coco80", "imagenet1k", "clip_words", "custom")
@@ -45,10 +46,12 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
 class DriftScopeAudit(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return compat.schema(
             node_id="DriftScopeAudit",
             display_name="DriftScope Audit",
             category="DriftScope",
+            search_aliases=["lora audit", "concept drift", "lora side effects", "model diff", "drift scope"],
+            has_intermediate_output=True,  # the server resends the table after a page reload
             description="Finds the words whose visual concept an adaptation (LoRA, fine-tune, concept "
                         "erasure) changed most: compares the base and adapted models' cross-attention "
                         "on the same noise, re-scores the top words on shared seeds and calibrates "

@@ -17,8 +17,9 @@ _SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
 
 
 def schema(**options) -> io.Schema:
-    """io.Schema with the options this ComfyUI knows; newer ones (`search_aliases` since 0.8,
-    `has_intermediate_output` since 0.16) are left out where the Schema has no such field."""
+    """io.Schema with the options this ComfyUI knows; newer ones (`search_aliases`,
+    `has_intermediate_output`: in 0.33, not in 0.3.75) are left out where the Schema has no
+    such field."""
     return io.Schema(**{k: v for k, v in options.items() if k in _SCHEMA_FIELDS})
 
 

@@ -12,6 +12,7 @@ import comfy.utils
 
 from ..driftscope_core.grid import GridRow, render_grid
 from ..driftscope_core.report import DriftReport
+from . import compat
 from .sockets import DriftReportType
 
 
@@ -59,10 +60,11 @@ def evidence_images(report: DriftReport, base_model, base_clip, adapted_model, a
 class DriftScopeEvidenceGrid(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return compat.schema(
             node_id="DriftScopeEvidenceGrid",
             display_name="DriftScope Evidence Grid",
             category="DriftScope",
+            search_aliases=["drift evidence", "lora comparison grid", "base vs adapted", "concept drift"],
             description="Renders base and adapted images of the report's top words with ComfyUI's normal "
                         "sampler (same prompt, seed and settings for both) and lays them out in a labeled "
                         "grid: base | adapted | difference map.",
@@ -74,11 +76,13 @@ class DriftScopeEvidenceGrid(io.ComfyNode):
                 io.Clip.Input("adapted_clip", tooltip="The adapted model's CLIP."),
                 io.Vae.Input("vae", tooltip="VAE to decode the images (the checkpoint's VAE)."),
                 io.Int.Input("top_n", default=4, min=1, max=50, tooltip="How many of the top words to show."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Sampling seed, shared by base and adapted."),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Sampling seed, shared by base and adapted. Fixed by default, so the evidence "
+                                     "matches the report it was made for when the workflow is queued again."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps of each image (full sampling, unlike the audit's truncated steps)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler", tooltip="Sampler."),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal", tooltip="Scheduler."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler", tooltip="Sampler of the image pairs, as in KSampler; base and adapted use the same one."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal", tooltip="Sigma schedule of the image pairs, as in KSampler."),
                 io.Int.Input("width", default=0, min=0, max=4096, step=8, tooltip="Image width; 0 uses the audit's width."),
                 io.Int.Input("height", default=0, min=0, max=4096, step=8, tooltip="Image height; 0 uses the audit's height."),
             ],

@@ -8,6 +8,7 @@ from comfy_api.latest import io, ui
 import folder_paths
 
 from ..driftscope_core.report import DriftReport
+from . import compat
 from .sockets import DriftReportType
 
 
@@ -27,10 +28,11 @@ def save_report(report: DriftReport, filename_prefix: str) -> list[str]:
 class DriftScopeSaveReport(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return compat.schema(
             node_id="DriftScopeSaveReport",
             display_name="DriftScope Save Report",
             category="DriftScope",
+            search_aliases=["save drift report", "lora audit report", "concept drift csv"],
             description="Saves the audit report as JSON (everything: entries, settings, seeds, model "
                         "identities, timings, evaluation counts) and CSV (the ranked table) in ComfyUI's output folder.",
             inputs=[
