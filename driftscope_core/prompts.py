@@ -11,7 +11,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .vocabulary import HIDDEN_CHARS, quoted, visible
+
 SLOT = "{}"
+# 77 CLIP tokens hold at most about 2,200 characters of words (the longest BPE piece is 28
+# letters); a longer line is refused before it is tokenized, runs of spaces included.
+MAX_TEMPLATE_CHARS = 4_000
 
 
 class TemplateError(ValueError):
@@ -40,36 +45,64 @@ class Template:
         return self.text.replace(SLOT, word)
 
 
+def check_template(text: str, where: str = "templates") -> None:
+    """Raise TemplateError (beginning with `where`, the input to fix) unless `text` is a usable
+    template: at most MAX_TEMPLATE_CHARS characters, no control or invisible formatting
+    character but tabs, exactly one slot, not glued to a letter or digit. Needs no tokenizer."""
+    if len(text) > MAX_TEMPLATE_CHARS:
+        raise TemplateError(
+            f"{where}: template {quoted(text)} is longer than {MAX_TEMPLATE_CHARS:,} characters, "
+            "more than the text encoder takes; shorten it"
+        )
+    hidden = HIDDEN_CHARS.search(text.replace("\t", " "))
+    if hidden:
+        raise TemplateError(
+            f"{where}: template {quoted(text)} contains the control or invisible formatting character "
+            f"{visible(hidden.group())}; remove it"
+        )
+    n = text.count(SLOT)
+    if n != 1:
+        raise TemplateError(
+            f'{where}: template {quoted(text)} has {n} slots; each template needs exactly one "{{}}" '
+            'where the word goes, e.g. "a photo of a {}"'
+        )
+    if re.search(r"[A-Za-z0-9]\{\}|\{\}[A-Za-z0-9]", text):
+        raise TemplateError(
+            f'{where}: template {quoted(text)}: the slot "{{}}" is glued to a letter or digit; put a space or '
+            "punctuation on both sides so the word is tokenized on its own"
+        )
+
+
 def parse_templates(text: str | Sequence[str]) -> list[str]:
-    """Split user text into templates (one per line) and validate that each has exactly one slot."""
+    """Split user text into templates (one per line, blank lines skipped) and check each one
+    (check_template); an error names the `templates` input and the line."""
     lines = text.splitlines() if isinstance(text, str) else list(text)
-    templates = [line.strip() for line in lines if line.strip()]
+    templates = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            check_template(line.strip(), f"templates, line {number}")
+            templates.append(line.strip())
     if not templates:
         raise TemplateError('templates: give at least one template such as "a photo of a {}"')
-    for t in templates:
-        n = t.count(SLOT)
-        if n != 1:
-            raise TemplateError(
-                f'template "{t}" has {n} slots; each template needs exactly one "{{}}" '
-                'where the word goes, e.g. "a photo of a {}"'
-            )
-        if re.search(r"[A-Za-z0-9]\{\}|\{\}[A-Za-z0-9]", t):
-            raise TemplateError(
-                f'template "{t}": the slot "{{}}" is glued to a letter or digit; put a space or '
-                "punctuation on both sides so the word is tokenized on its own"
-            )
     return templates
 
 
-def tokenize_template(text: str, tokenize: Callable[[str], list[int]], layout: TokenLayout) -> Template:
+def tokenize_template(text: str, tokenize: Callable[[str], list[int]], layout: TokenLayout,
+                      word_tokens: int = 1) -> Template:
     """Tokenize the text on both sides of the slot. CLIP's BPE splits at whitespace and
-    punctuation first, so the pieces tokenize the same as the whole prompt would."""
+    punctuation first, so the pieces tokenize the same as the whole prompt would. The template
+    must leave room for a word of `word_tokens` tokens (pass the vocabulary's max_tokens)."""
+    check_template(text)
     before, after = text.split(SLOT)
     prefix = tuple(tokenize(before)) if before.strip() else ()
     suffix = tuple(tokenize(after)) if after.strip() else ()
     room = layout.max_length - 2 - len(prefix) - len(suffix)
-    if room < 1:
-        raise TemplateError(f'template "{text}" is too long: it leaves no room for the word in {layout.max_length} tokens')
+    if room < word_tokens:
+        raise TemplateError(
+            f"templates: template {quoted(text)} is too long: its {len(prefix) + len(suffix)} tokens leave room "
+            f"for {max(room, 0)} of the {word_tokens} token(s) a word needs in the encoder's {layout.max_length}; "
+            "shorten it"
+        )
     return Template(text, prefix, suffix)
 
 
@@ -103,7 +136,7 @@ class PromptBuilder:
         """Input embeddings (max_length, D) and slot mask (max_length,) for k slot rows (k, D)."""
         k = slot_rows.shape[0]
         if k > self.room():
-            raise TemplateError(f'a word of {k} tokens does not fit into template "{self.template.text}"')
+            raise TemplateError(f"templates: a word of {k} tokens does not fit into template {quoted(self.template.text)}")
         tail = self.tail[: self.layout.max_length - self.slot_start - k]
         seq = torch.cat([self.head.to(slot_rows.dtype), slot_rows, tail.to(slot_rows.dtype)])  # (T, D)
         mask = torch.zeros(self.layout.max_length, device=seq.device)

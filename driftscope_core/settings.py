@@ -4,6 +4,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, fields, replace
 
+from .vocabulary import quoted
+
 MODES = ("screen", "scan", "paper")
 DIRECTIONS = ("most", "least")
 
@@ -46,17 +48,18 @@ class AuditSettings:
     def validate(self) -> "AuditSettings":
         problems = []
         if self.mode not in MODES:
-            problems.append(f"mode '{self.mode}' is not one of {', '.join(MODES)}")
+            problems.append(f"mode {quoted(self.mode)} is not one of {', '.join(MODES)}")
         if self.direction not in DIRECTIONS:
-            problems.append(f"direction '{self.direction}' is not one of {', '.join(DIRECTIONS)}")
+            problems.append(f"direction {quoted(self.direction)} is not one of {', '.join(DIRECTIONS)}")
         if self.width % 8 or self.height % 8 or self.width < 8 or self.height < 8:
             problems.append(f"resolution {self.width}x{self.height}: width and height must be positive multiples of 8 (e.g. 512)")
         if self.kept_steps < 1 or self.schedule_steps < 1:
-            problems.append("kept_steps and schedule_steps must be at least 1 (a budget of zero steps measures nothing)")
+            problems.append(f"kept_steps ({self.kept_steps}) and schedule_steps ({self.schedule_steps}) must be at least 1 "
+                            "(a budget of zero steps measures nothing)")
         if self.kept_steps > self.schedule_steps:
             problems.append(f"kept_steps ({self.kept_steps}) cannot exceed schedule_steps ({self.schedule_steps})")
         if self.mode == "paper" and self.opt_steps < 1:
-            problems.append("opt_steps must be at least 1 in paper mode (a budget of zero steps finds nothing)")
+            problems.append(f"opt_steps ({self.opt_steps}) must be at least 1 in paper mode (a budget of zero steps finds nothing)")
         if self.calibration_seeds > self.rescore_seeds:
             problems.append(f"calibration_seeds ({self.calibration_seeds}) cannot exceed rescore_seeds ({self.rescore_seeds}): "
                             "calibration uses the first re-scoring seeds")
@@ -64,8 +67,10 @@ class AuditSettings:
             problems.append(f"false_alarms ({self.false_alarms}) must be between 0 and 1 (e.g. 0.05)")
         if self.shortlist < 0:
             problems.append(f"shortlist ({self.shortlist}) cannot be negative (0 skips the proxy's second round)")
-        if min(self.top_k, self.noise_batch, self.rescore_seeds, self.calibration_seeds, self.screen_seeds) < 1:
-            problems.append("top_k, noise_batch, rescore_seeds, calibration_seeds and screen_seeds must be at least 1")
+        counts = ("top_k", "noise_batch", "rescore_seeds", "calibration_seeds", "screen_seeds")
+        too_few = [f"{name} ({getattr(self, name)})" for name in counts if getattr(self, name) < 1]
+        if too_few:
+            problems.append(f"{', '.join(too_few)} must be at least 1")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -91,9 +96,9 @@ PRESETS: dict[str, dict] = {
 
 def settings_from_preset(preset: str, **overrides) -> AuditSettings:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {quoted(preset)}; choose one of {', '.join(PRESETS)}")
     known = {f.name for f in fields(AuditSettings)}
     unknown = set(overrides) - known
     if unknown:
-        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown settings: {', '.join(quoted(name) for name in sorted(unknown))}")
     return replace(AuditSettings(), **{**PRESETS[preset], **overrides}).validate()

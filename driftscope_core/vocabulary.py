@@ -9,12 +9,18 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping
 
 from .concepts import BUILTIN_LISTS, load_concept_list, load_stopwords
 
 WORD_END = "</w>"  # CLIP BPE marks the last piece of a word with this suffix
 _ALPHA = re.compile(r"^[a-z]+$")
+# Limits on a word list, checked before anything is tokenized. Neither changes a list that an
+# audit can use: clip_words, the largest built-in vocabulary, has 32,031 words, and CLIP's
+# longest BPE piece is 28 letters, so a word of at most 8 tokens is never 256 characters long.
+MAX_WORDS = 50_000  # distinct words
+MAX_WORD_CHARS = 256  # characters of one word, after whitespace is collapsed
+MESSAGE_EXAMPLES = 10  # words quoted in one error message
 
 
 # -- user text: what may not be shown raw, and how messages quote it ------------------------------
@@ -44,6 +50,12 @@ def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit and len(head) <= limit:
         return f"'{head}'"
     return f"'{head[:limit]}…' ({len(text):,} characters)"
+
+
+def _examples(texts: list[str], total: int) -> str:
+    """Up to MESSAGE_EXAMPLES quoted texts, and how many more there are."""
+    shown = ", ".join(quoted(t) for t in texts[:MESSAGE_EXAMPLES])
+    return shown if total <= MESSAGE_EXAMPLES else f"{shown} and {total - MESSAGE_EXAMPLES:,} more"
 
 
 class VocabularyError(ValueError):
@@ -115,29 +127,70 @@ def from_bpe_vocab(
     return Vocabulary(name, tuple(chosen))
 
 
+def _distinct_words(words: Iterable[str], where: str) -> list[str]:
+    """The list's words with whitespace collapsed, blank lines, `#` comments and duplicates
+    (ignoring case) dropped. Checks what needs no tokenizer: at most MAX_WORDS words (reading
+    stops there), each at most MAX_WORD_CHARS long and free of hidden characters."""
+    seen: set[str] = set()
+    out: list[str] = []
+    too_long, hidden = [], []  # the first MESSAGE_EXAMPLES words of each kind, for the message
+    n_long = n_hidden = 0
+    for raw in words:
+        word = " ".join(raw.split())
+        if not word or word.startswith("#") or word.lower() in seen:
+            continue
+        seen.add(word.lower())
+        if len(seen) > MAX_WORDS:
+            raise VocabularyError(
+                f"{where}: more than {MAX_WORDS:,} distinct words; an audit takes at most {MAX_WORDS:,} "
+                "(clip_words, every whole-word CLIP token, has about 32,000). Shorten the list."
+            )
+        if len(word) > MAX_WORD_CHARS:
+            n_long += 1
+            if len(too_long) < MESSAGE_EXAMPLES:
+                too_long.append(word)
+        elif HIDDEN_CHARS.search(word):
+            n_hidden += 1
+            if len(hidden) < MESSAGE_EXAMPLES:
+                hidden.append(word)
+        else:
+            out.append(word)
+    if n_long:
+        raise VocabularyError(
+            f"{where}: {n_long:,} word(s) longer than {MAX_WORD_CHARS} characters: {_examples(too_long, n_long)}. "
+            "Shorten them: a candidate is a word or a short phrase."
+        )
+    if n_hidden:
+        raise VocabularyError(
+            f"{where}: {n_hidden:,} word(s) contain control characters or invisible formatting characters "
+            f"(shown escaped): {_examples(hidden, n_hidden)}. Remove those characters."
+        )
+    return out
+
+
 def from_words(
-    words: Sequence[str],
+    words: Iterable[str],
     tokenize: Callable[[str], list[int]],
     *,
     name: str = "custom",
     max_tokens: int = 8,
     reserved_ids: Iterable[int] = (),
+    where: str | None = None,
 ) -> Vocabulary:
     """A user's or a built-in word list. `tokenize` maps text to BPE ids without start/end tokens.
 
     Words of several BPE tokens are kept as multi-token candidates. Duplicates and blank lines
     are dropped; a word that tokenizes to nothing, to a reserved (start/end/unknown) token or to
-    too many tokens is an error that names it.
+    too many tokens is an error that names it. Before anything is tokenized, the list is held to
+    MAX_WORDS words of at most MAX_WORD_CHARS characters without control or bidirectional
+    formatting characters (_distinct_words). Errors begin with `where`, the input to fix
+    (default: the vocabulary's name), and quote words shortened.
     """
+    where = where or f"vocabulary '{name}'"
     reserved = set(reserved_ids)
-    seen: set[str] = set()
     out: list[Candidate] = []
     bad_empty, bad_long = [], []
-    for raw in words:
-        word = " ".join(raw.strip().split())
-        if not word or word.startswith("#") or word.lower() in seen:
-            continue
-        seen.add(word.lower())
+    for word in _distinct_words(words, where):
         ids = tuple(int(t) for t in tokenize(word))
         if not ids or reserved.intersection(ids):
             bad_empty.append(word)
@@ -147,17 +200,17 @@ def from_words(
             out.append(Candidate(word, ids))
     if bad_empty:
         raise VocabularyError(
-            f"vocabulary '{name}': {len(bad_empty)} word(s) are not in the tokenizer's vocabulary "
-            f"(they tokenize to nothing or to special tokens): {', '.join(repr(w) for w in bad_empty[:10])}. "
+            f"{where}: {len(bad_empty)} word(s) are not in the tokenizer's vocabulary "
+            f"(they tokenize to nothing or to special tokens): {_examples(bad_empty, len(bad_empty))}. "
             "Remove them or spell them with plain letters."
         )
     if bad_long:
         raise VocabularyError(
-            f"vocabulary '{name}': word(s) longer than {max_tokens} tokens: "
-            f"{', '.join(repr(w) for w in bad_long[:10])}. Shorten them."
+            f"{where}: {len(bad_long)} word(s) longer than {max_tokens} tokens: "
+            f"{_examples(bad_long, len(bad_long))}. Shorten them."
         )
     if not out:
-        raise VocabularyError(f"vocabulary '{name}' is empty: give at least one word, one per line")
+        raise VocabularyError(f"{where}: the word list is empty: give at least one word, one per line")
     return Vocabulary(name, tuple(out))
 
 
@@ -168,14 +221,15 @@ def build_vocabulary(
     custom_words: str = "",
     reserved_ids: Iterable[int] = (),
 ) -> Vocabulary:
-    """Resolve a vocabulary name ("clip_words", a built-in list, or "custom") to candidates."""
+    """Resolve a vocabulary name ("clip_words", a built-in list, or "custom") to candidates.
+    `custom_words` is split at newlines and commas; its errors name `custom_words`."""
     if source == "clip_words":
         return from_bpe_vocab(bpe_vocab)
     if source in BUILTIN_LISTS:
         return from_words(load_concept_list(source), tokenize, name=source, reserved_ids=reserved_ids)
     if source == "custom":
-        lines = re.split(r"[\n,]", custom_words)
-        return from_words(lines, tokenize, name="custom", reserved_ids=reserved_ids)
+        pieces = (m.group() for m in re.finditer(r"[^\n,]+", custom_words))  # lazily: reading may stop early
+        return from_words(pieces, tokenize, name="custom", reserved_ids=reserved_ids, where="custom_words")
     raise VocabularyError(
-        f"unknown vocabulary '{source}'; choose clip_words, custom or one of {', '.join(BUILTIN_LISTS)}"
+        f"unknown vocabulary {quoted(source)}; choose clip_words, custom or one of {', '.join(BUILTIN_LISTS)}"
     )
