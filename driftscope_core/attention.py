@@ -1,9 +1,10 @@
 """Cross-attention maps of the slot token.
 
 Method step 4: the drift compares where each model's image attends to the slot word. For every
-cross-attention layer at the highest resolution, the probe computes attention probabilities
-explicitly, keeps the slot token's map for the conditional rows, and returns the attention
-output so the model's forward pass continues unchanged. Other layers are left to the host.
+cross-attention layer at the highest resolution that has cross-attention, the probe computes
+attention probabilities explicitly, keeps the slot token's map for the conditional rows, and
+returns the attention output so the model's forward pass continues unchanged. Other layers are
+left to the host.
 """
 from __future__ import annotations
 
@@ -39,19 +40,29 @@ def slot_map(probs: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
 
 class SlotAttentionProbe:
     """Callable handed to a denoiser: `probe(q, k, v, heads)` returns the attention output for
-    layers it records (query length == the latent's full resolution) and None for the others.
+    layers it records and None for the others (the host then runs its own attention).
+
+    It records the cross-attention layers at the highest resolution that has any: a layer's
+    resolution is its query length, and a layer with more queries than every one before it
+    restarts the recording. A UNet meets its highest resolution first (input blocks go from
+    high to low resolution), so lower layers are skipped without computing anything. The rule
+    comes from the model's shapes alone: SD1.x/SD2.x record their full-resolution layers,
+    SDXL (no cross-attention at full latent resolution) its latent/2 layers.
 
     Only the first `slot_mask.shape[0]` batch rows (the conditional branch) are recorded.
     """
 
-    def __init__(self, slot_mask: torch.Tensor, full_resolution: int):
+    def __init__(self, slot_mask: torch.Tensor):
         self.slot_mask = slot_mask  # (Bc, T)
-        self.full_resolution = full_resolution
+        self.resolution = 0  # query length of the layers recorded so far
         self.maps: list[torch.Tensor] = []
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor | None:
-        if q.shape[1] != self.full_resolution:
+        queries = q.shape[1]
+        if queries < self.resolution:
             return None
+        if queries > self.resolution:
+            self.resolution, self.maps = queries, []
         probs = attention_probabilities(q, k, heads)
         rows = self.slot_mask.shape[0]
         self.maps.append(slot_map(probs[:rows], self.slot_mask.to(probs.device)))
@@ -61,7 +72,7 @@ class SlotAttentionProbe:
         """Recorded maps (Bc, L, Q) over the L recorded layers."""
         if not self.maps:
             raise RuntimeError(
-                "no cross-attention layer was observed at the latent's full resolution; "
-                "this model family is not supported by the 'attention' objective"
+                "no cross-attention layer was observed; this model family is not supported by the "
+                "'attention' objective (use 'prediction')"
             )
         return torch.stack(self.maps, dim=1)

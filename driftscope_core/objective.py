@@ -53,7 +53,7 @@ def _guided_x0(side, x, sigma, cond, uncond, cfg, slot_mask, record, runtime):
     else:
         x_in = torch.cat([x, x])  # (2B, C, h, w): conditional rows first
         ctx = torch.cat([cond, uncond.expand(b, -1, -1)])  # (2B, T, D)
-    probe = SlotAttentionProbe(slot_mask, x.shape[-2] * x.shape[-1]) if record else None
+    probe = SlotAttentionProbe(slot_mask) if record else None
     sig = sigma.reshape(1).expand(x_in.shape[0]).to(x.device)
     out = side.denoise(x_in, sig, ctx, probe, runtime)
     x0 = out if cfg == 1.0 else cfg_combine(out[:b], out[b:], cfg)
