@@ -76,6 +76,16 @@ def clip_layer_index(layer_idx) -> int | None:
     return values.pop()
 
 
+# -- errors -------------------------------------------------------------------------------------
+def is_out_of_memory(err: BaseException) -> bool:
+    """ComfyUI's own test for an out-of-memory error where it has one (0.33 also counts CUDA
+    accelerator errors that say so), else torch's out-of-memory error."""
+    test = getattr(comfy.model_management, "is_oom", None)
+    if test is not None:
+        return bool(test(err))
+    return isinstance(err, torch.OutOfMemoryError)
+
+
 # -- cancel ---------------------------------------------------------------------------------------
 def interrupt_exception() -> type[BaseException]:
     """The exception ComfyUI raises when the user cancels. It derives from BaseException since

@@ -6,6 +6,8 @@ pack under the package name ComfyUI gives it ("DriftScope"), plus scripts/demo_m
 at collection, because the test modules import comfy at their top.
 """
 import os
+import sys
+from pathlib import Path
 
 import environment
 import pytest
@@ -18,6 +20,7 @@ except FileNotFoundError as missing:
     pytest.skip("ComfyUI is not set up (run scripts/setup.sh)", allow_module_level=True)
 
 ENV = environment.load(threads=None)  # keep torch's thread count for the whole session
+sys.path.insert(0, str(Path(__file__).parent))  # audit_helpers, shared by the test modules here
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,66 @@
+"""A GPU out-of-memory error, injected on the CPU where ComfyUI's model call would raise it,
+becomes a message that names the inputs to lower, stays an out-of-memory error for ComfyUI's
+executor (which unloads models on it), and leaves the input models as they were."""
+import pytest
+import torch
+
+import comfy.model_management
+
+from audit_helpers import PLANTED, WORDS, TEMPLATE, assert_same, audit, fingerprint
+
+errors = pytest.importorskip("DriftScope.nodes.errors")
+host = pytest.importorskip("DriftScope.nodes.host")
+
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity)"
+
+
+@pytest.fixture(scope="module")
+def models(demo_models):
+    model, clip, _ = demo_models.tiny_sd15(0)
+    return model, clip, demo_models.planted_edit_in_process(model, clip, PLANTED, WORDS, TEMPLATE)
+
+
+@pytest.fixture
+def oom_after(monkeypatch):
+    """Make the n-th UNet call raise CUDA's out-of-memory error."""
+    def arm(n):
+        calls = {"n": 0}
+        real = host.ComfyDenoiser.__call__
+
+        def call(self, *args):
+            calls["n"] += 1
+            if calls["n"] >= n:
+                raise torch.OutOfMemoryError(CUDA_OOM)
+            return real(self, *args)
+
+        monkeypatch.setattr(host.ComfyDenoiser, "__call__", call)
+    return arm
+
+
+@pytest.mark.parametrize("mode,after", [("scan", 1), ("paper", 3)])
+def test_audit_out_of_memory_names_what_to_lower(pack, models, oom_after, mode, after):
+    model, clip, adapted = models
+    before = fingerprint(model, clip), fingerprint(adapted, clip)
+    oom_after(after)
+    advice = errors.audit_advice(micro_batch=8, width=32, height=32, mode=mode, gradient_checkpointing=False)
+    with pytest.raises(errors.DriftScopeOutOfMemory) as caught:
+        with errors.out_of_memory_advice("DriftScope Audit", advice):
+            audit(pack, model, clip, adapted, mode=mode, top_k=1, opt_steps=3)
+    message = str(caught.value)
+    assert "micro_batch (now 8)" in message and "width/height (now 32x32)" in message
+    assert ("gradient_checkpointing" in message) == (mode == "paper")
+    assert "CUDA out of memory" in message and "unchanged" in message
+    assert comfy.model_management.is_oom(caught.value) if hasattr(comfy.model_management, "is_oom") \
+        else isinstance(caught.value, comfy.model_management.OOM_EXCEPTION)
+    after_run = fingerprint(model, clip), fingerprint(adapted, clip)
+    assert_same(before[0], after_run[0])
+    assert_same(before[1], after_run[1])
+
+
+def test_other_errors_and_the_cancel_pass_through_unchanged():
+    with pytest.raises(ValueError, match="not memory"):
+        with errors.out_of_memory_advice("DriftScope Audit", "lower micro_batch"):
+            raise ValueError("not memory")
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        with errors.out_of_memory_advice("DriftScope Audit", "lower micro_batch"):
+            raise comfy.model_management.InterruptProcessingException()
