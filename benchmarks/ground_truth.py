@@ -104,14 +104,24 @@ class Truth:
 
 def cache_path(case, settings: TruthSettings, cache_dir: Path = CACHE_DIR) -> Path:
     key = json.dumps({"v": CACHE_VERSION, "truth": settings.definition(), "case": case.fingerprint}, sort_keys=True)
-    return Path(cache_dir) / f"{case.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    return Path(cache_dir) / f"{case.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+
+def _read(path: Path) -> dict | None:
+    """A cache file's contents: JSON, or a cache of an earlier release written with torch.save
+    under the same key (read with weights_only=True: plain data, no pickled objects)."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    legacy = path.with_suffix(".pt")
+    if legacy.is_file():
+        return torch.load(legacy, weights_only=True)
+    return None
 
 
 def _load(path: Path, case, settings: TruthSettings) -> Truth:
-    if path.is_file():
-        data = torch.load(path, weights_only=False)
-        if data.get("version") == CACHE_VERSION and data.get("fingerprint") == case.fingerprint:
-            return Truth(case.name, data["per_seed"], data["settings"], data["cost"], path)
+    data = _read(path)
+    if data is not None and data.get("version") == CACHE_VERSION and data.get("fingerprint") == case.fingerprint:
+        return Truth(case.name, data["per_seed"], data["settings"], data["cost"], path)
     return Truth(case.name, {}, settings.definition(), {"unet_forward": 0, "text_forward": 0, "seconds": 0.0, "words": 0}, path)
 
 
@@ -119,9 +129,10 @@ def _save(truth: Truth, case) -> None:
     truth.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = truth.path.with_name(f".{truth.path.name}.{os.getpid()}.tmp")
     longest = max((len(v) for v in truth.per_seed.values()), default=0)
-    torch.save({"version": CACHE_VERSION, "case": case.name, "fingerprint": case.fingerprint, "recipe": case.recipe,
-                "settings": truth.settings, "seeds": TruthSettings(**truth.settings).seed_list(longest),
-                "per_seed": truth.per_seed, "cost": truth.cost}, tmp)
+    data = {"version": CACHE_VERSION, "case": case.name, "fingerprint": case.fingerprint, "recipe": case.recipe,
+            "settings": truth.settings, "seeds": TruthSettings(**truth.settings).seed_list(longest),
+            "per_seed": truth.per_seed, "cost": truth.cost}
+    tmp.write_text(json.dumps(data), encoding="utf-8")  # floats round-trip exactly
     os.replace(tmp, truth.path)
 
 

@@ -12,9 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("driftscope_core", "nodes", "scripts", "benchmarks", "tests")
 PICKLING_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve"}
-# Found by this test and reported to the file's owner; the xfail below turns into a failure
-# once it is fixed, so the entry cannot outlive the problem.
-KNOWN_UNSAFE = {"benchmarks/ground_truth.py"}  # torch.load(path, weights_only=False) of the truth cache
 
 
 def _is_true(node: ast.AST | None) -> bool:
@@ -91,14 +88,7 @@ def findings(paths) -> dict[str, list]:
 def test_the_pack_loads_nothing_unsafe():
     files = python_files()
     assert len(files) > 50  # the scan sees the whole pack
-    clean = [p for p in files if p.relative_to(ROOT).as_posix() not in KNOWN_UNSAFE]
-    assert findings(clean) == {}
-
-
-@pytest.mark.xfail(strict=True, reason="benchmarks/ground_truth.py loads its truth cache with "
-                   "torch.load(weights_only=False); reported, outside the core. Remove it from KNOWN_UNSAFE when fixed.")
-def test_known_unsafe_loads_are_fixed():
-    assert findings(ROOT / name for name in sorted(KNOWN_UNSAFE)) == {}
+    assert findings(files) == {}
 
 
 @pytest.mark.parametrize("source", [
