@@ -113,19 +113,20 @@ class Sizes:
     max_seconds: float | None = None
 
 
-# H200 estimates (bf16 860M UNet forward at a 64x64 latent, batch 8: tens of ms; fp32 several
-# times slower). Building: ~25 s for the random 860M UNet on the CPU (22 s on this project's CPU),
-# 5-15 s per checkpoint load (16 s on that CPU), a few s for the planted edit. Screen, quick preset, CIFAR-100 at 512 px: 1,112 UNet evaluations
-# per model (2,224 in all): ~30-40 s in fp32, ~5-10 s in bf16/fp16. Paper, quick preset (30
-# AdamW steps, patience 8), 20 candidates, K=3 (at most 6 restarts): at most ~4,300 forward and
-# ~2,200 backward evaluations plus re-scoring: ~20-40 s, gradient checkpointing adds a forward
-# per backward. Two Dynamic VRAM groups: about 4-5 minutes in all; --max-seconds skips what is
-# left past 7 minutes.
+# Time on an H200 (estimates: a bf16 860M UNet forward at a 64x64 latent, batch 8, takes tens of
+# ms; fp32 several times longer). Building the random 860M UNet on the CPU: ~25 s (22 s on this
+# project's CPU); each checkpoint load 5-15 s (16 s on that CPU); the planted edit a few s.
+# Screen, quick preset, CIFAR-100 at 512 px: 1,112 UNet evaluations per model (2,224 in all),
+# ~30-55 s in fp32, ~5-10 s in bf16 or fp16. Paper, quick preset (30 AdamW steps, patience 8),
+# 20 candidates, K=3 (at most 6 restarts): at most ~4,300 forward and ~2,200 backward
+# evaluations plus re-scoring, ~20-40 s; gradient checkpointing adds one forward per backward.
+# Both Dynamic VRAM groups: about 4-5 minutes. --max-seconds (390) skips what is left once
+# 6.5 minutes have passed (the configuration running then still finishes).
 GPU = Sizes(
     name="gpu", unet="sd15", clip_layers=12, width=512, screen_vocabulary="cifar100",
     paper_words=PLANTED + ("apple", "aquarium fish", "baby", "bear", "bed", "bee", "bottle", "bowl", "boy",
                            "bridge", "butterfly", "camel", "can", "caterpillar", "chair", "cloud", "cup"),
-    screen_top_k=10, paper_top_k=3, micro_batch=8, max_seconds=420.0,
+    screen_top_k=10, paper_top_k=3, micro_batch=8, max_seconds=390.0,
 )
 # CPU (2 shared cores): 2-3 s per screen audit on the smallest detectable SD1.5 UNet (13.6M) at a
 # 4x4 latent, 5-15 s per paper audit; about 25-35 s in all plus ComfyUI's import.
@@ -446,9 +447,7 @@ def run_check(env, sizes: Sizes, dynamic_groups=(False, True), paper_precision: 
                             "screen_top_k": sizes.screen_top_k, "paper_top_k": sizes.paper_top_k,
                             "screen_overrides": sizes.screen_settings, "paper_overrides": sizes.paper_settings,
                             "seed": SEED, "paper_precision": paper_precision, "max_seconds": max_seconds},
-               "reference": {"definition": "screen mode, precision fp32 (no autocast), Dynamic VRAM off, same device and "
-                                           "seed; runs compare their top-k word sets with it (paper mode: the reference's "
-                                           "best k among paper mode's candidates)", "name": None},
+               "reference": {"definition": "no fp32 screen run ran: nothing to compare with", "name": None},
                "memory_note": "peak_allocated_bytes is torch.cuda.max_memory_allocated; under Dynamic VRAM the weights "
                               "live in comfy-aimdo allocations it does not count (see aimdo_vram_bytes_after)",
                "configurations": []}
@@ -462,55 +461,23 @@ def run_check(env, sizes: Sizes, dynamic_groups=(False, True), paper_precision: 
         f"text encoder {facts['text_encoder_parameters'] / 1e6:.1f}M parameters ({facts['build_s']} s)")
 
     vocab_words = list(sizes.words) if sizes.screen_vocabulary == "custom" else env.demo_models.load_vocabulary(sizes.screen_vocabulary)
-    reference = None
-    paper_twins = {}
+    state = {"reference": None, "paper_twins": {}}
     groups = {}
     for dyn in dynamic_groups:
         group = {"dynamic": dyn, "status": "ran", "reason": None}
         groups["on" if dyn else "off"] = group
+        configs = configurations([dyn], paper_precision)
         reason = dynamic_vram_unavailable(device) if dyn else None
-        configs = [c for c in configurations([dyn], paper_precision)]
         if reason is None and max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             reason = f"time budget of {max_seconds:.0f} s used up"
-        models = None
         if reason is None:
             try:
-                with dynamic_vram(dyn):
-                    t = time.perf_counter()
-                    base, clip = load_checkpoint(sd, te_options)
-                    adapted = env.demo_models.planted_edit_in_process(
-                        base, clip, PLANTED, vocab_words, TEMPLATE, pad_prompts=env.demo_models.DEMO_PAD_PROMPTS)
-                    group.update(load_s=round(time.perf_counter() - t, 2),
-                                 patchers={"model": type(base).__name__, "clip": type(clip.patcher).__name__},
-                                 planted_stats={k: v for k, v in adapted.driftscope_planted_stats.items()
-                                                if k.endswith("_rel_change")})
-                    if dyn and not (base.is_dynamic() and clip.patcher.is_dynamic()):
-                        raise RuntimeError(f"Dynamic VRAM is on but ComfyUI built {group['patchers']}")
-                    models = (base, clip, adapted)
-                    log(f"[gpu_check] Dynamic VRAM {'on' if dyn else 'off'}: loaded with {group['patchers']} "
-                        f"and planted the edit ({group['load_s']} s)")
-                    for cfg in configs:
-                        row = run_one(env, sizes, cfg, models, device, t0, max_seconds)
-                        if row["status"] == "ran":
-                            if cfg.mode == "screen" and cfg.precision == "fp32" and reference is None:
-                                reference = row
-                                summary["reference"]["name"] = cfg.name
-                            compare(row, reference, summary["reference"]["name"],
-                                    sizes.paper_words if cfg.mode == "paper" else None)
-                            if cfg.mode == "paper":
-                                twin = paper_twins.setdefault((dyn, cfg.precision), {})
-                                twin[cfg.checkpointing] = row
-                                if True in twin and False in twin:
-                                    twin[True]["same_as_without_checkpointing"] = twin[True]["top"] == twin[False]["top"]
-                        summary["configurations"].append({"name": cfg.name, "dynamic_vram": dyn, "mode": cfg.mode,
-                                                          "precision": cfg.precision,
-                                                          "gradient_checkpointing": cfg.checkpointing, **row})
-                        print_row(cfg.name, row)
-                    del base, clip, adapted, models
+                run_group(env, sizes, dyn, configs, sd, te_options, vocab_words, device, t0, max_seconds,
+                          summary, group, state, log)
             except Exception as exc:  # loading or planting failed: the group's remaining configs say why
                 traceback.print_exc()
                 group.update(status="error", reason=f"{type(exc).__name__}: {exc}")
-                reason = f"error: {group['reason']}"
+            free_memory()  # the group's models are gone with run_group's frame
         else:
             group.update(status="skipped", reason=reason)
         done = {c["name"] for c in summary["configurations"]}
@@ -519,7 +486,7 @@ def run_check(env, sizes: Sizes, dynamic_groups=(False, True), paper_precision: 
                 status = "error" if group["status"] == "error" else "skipped"
                 row = {"name": cfg.name, "dynamic_vram": dyn, "mode": cfg.mode, "precision": cfg.precision,
                        "gradient_checkpointing": cfg.checkpointing, "status": status,
-                       "reason": group["reason"] if status == "error" else reason}
+                       "reason": f"not run: {group['reason']}" if status == "error" else reason}
                 summary["configurations"].append(row)
                 print_row(cfg.name, row)
     summary["dynamic_vram_groups"] = groups
@@ -532,6 +499,44 @@ def run_check(env, sizes: Sizes, dynamic_groups=(False, True), paper_precision: 
     summary["ok"] = bool(ran) and not summary["errors"] and not summary["planted_missed"]
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def run_group(env, sizes, dyn, configs, sd, te_options, vocab_words, device, t0, max_seconds, summary, group,
+              state, log) -> None:
+    """Load the checkpoint with Dynamic VRAM on or off, plant the edit, run the group's configurations."""
+    with dynamic_vram(dyn):
+        t = time.perf_counter()
+        base, clip = load_checkpoint(sd, te_options)
+        adapted = env.demo_models.planted_edit_in_process(
+            base, clip, PLANTED, vocab_words, TEMPLATE, pad_prompts=env.demo_models.DEMO_PAD_PROMPTS)
+        group.update(load_s=round(time.perf_counter() - t, 2),
+                     patchers={"model": type(base).__name__, "clip": type(clip.patcher).__name__},
+                     planted_stats={k: v for k, v in adapted.driftscope_planted_stats.items() if k.endswith("_rel_change")})
+        if dyn and not (base.is_dynamic() and clip.patcher.is_dynamic()):
+            raise RuntimeError(f"Dynamic VRAM is on but ComfyUI built {group['patchers']}")
+        log(f"[gpu_check] Dynamic VRAM {'on' if dyn else 'off'}: loaded with {group['patchers']} "
+            f"and planted the edit ({group['load_s']} s)")
+        for cfg in configs:
+            row = run_one(env, sizes, cfg, (base, clip, adapted), device, t0, max_seconds)
+            if row["status"] == "ran":
+                if cfg.mode == "screen" and cfg.precision == "fp32" and state["reference"] is None:
+                    state["reference"] = row
+                    summary["reference"]["name"] = cfg.name
+                    summary["reference"]["definition"] = (
+                        f"screen mode, precision fp32 (no autocast), Dynamic VRAM {'on' if dyn else 'off'}, same device "
+                        "and seed; runs compare their top-k word sets with it (paper mode: the reference's best k among "
+                        "paper mode's candidates)")
+                compare(row, state["reference"], summary["reference"]["name"],
+                        sizes.paper_words if cfg.mode == "paper" else None)
+                if cfg.mode == "paper":
+                    twin = state["paper_twins"].setdefault((dyn, cfg.precision), {})
+                    twin[cfg.checkpointing] = row
+                    if True in twin and False in twin:
+                        twin[True]["same_as_without_checkpointing"] = twin[True]["top"] == twin[False]["top"]
+            summary["configurations"].append({"name": cfg.name, "dynamic_vram": dyn, "mode": cfg.mode,
+                                              "precision": cfg.precision, "gradient_checkpointing": cfg.checkpointing,
+                                              **row})
+            print_row(cfg.name, row)
 
 
 def run_one(env, sizes, cfg: Config, models, device, t0, max_seconds) -> dict:
@@ -562,7 +567,7 @@ def main(argv=None, env=None) -> int:
     parser.add_argument("--paper-precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="precision of the paper-mode runs (default auto: bf16 where the GPU has it)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="skip configurations that would start after this many seconds (GPU default 420)")
+                        help="skip configurations that would start after this many seconds (GPU default 390)")
     parser.add_argument("--comfy", default=None, help="ComfyUI folder (default: DRIFTSCOPE_COMFYUI or .comfyui/ComfyUI)")
     a = parser.parse_args(argv)
     sizes = SMOKE if a.cpu_smoke else GPU
