@@ -10,8 +10,10 @@ What it does (GitHub issue 9, "A prepared GPU check"):
    (comfy.sd.load_state_dict_guess_config), which must detect it as SD15. UNet weights are kept
    fp32 (model_options dtype) so that the Audit's `precision` input alone decides the compute
    dtype; the text encoder gets ComfyUI's default dtype.
-2. Plants a known edit (scripts/demo_models.planted_edit_in_process: tiger, bicycle, castle move,
-   the rest of the vocabulary barely does), so every audit has a right answer.
+2. Plants a known edit (scripts/demo_models: the closed-form edit planted_edit_in_process plants,
+   computed once on the CPU by planted_edit_deltas and added as the same "diff" weight patches to
+   each loaded MODEL's clone; tiger, bicycle, castle move, the rest of the vocabulary barely
+   does), so every audit has a right answer.
 3. Runs the DriftScope Audit's entry point (nodes/audit.audit_models) with Dynamic VRAM off and
    on (each group loads the checkpoint afresh, the way ComfyUI 0.16+ starts with or without
    --disable-dynamic-vram), each precision (fp32, bf16, fp16) in screen mode, and paper mode
@@ -262,9 +264,15 @@ def free_memory() -> None:
 
 
 # -- models ---------------------------------------------------------------------------------------
-def build_checkpoint(env, sizes: Sizes) -> tuple[dict, dict, dict]:
+def build_checkpoint(env, sizes: Sizes, vocabulary: list[str]) -> tuple[dict, dict, dict, dict]:
     """An SD1.5 checkpoint state dict (UNet fp32, text encoder fp16) with seeded random weights,
-    the text-encoder options to load it with, and facts about it."""
+    the text-encoder options to load it with, the planted edit as UNet weight deltas, and facts.
+
+    The edit (demo_models.planted_edit_deltas: what planted_edit_in_process plants) is computed
+    here once, on the CPU, from the freshly built models, so every Dynamic VRAM group gets the
+    same edit whatever the device and patcher, and planting does not depend on what the dynamic
+    patcher allows."""
+    import comfy.model_patcher
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models
@@ -272,6 +280,7 @@ def build_checkpoint(env, sizes: Sizes) -> tuple[dict, dict, dict]:
     import torch
 
     demo = env.demo_models
+    cpu = torch.device("cpu")
     cfg = dict(SD15_UNET_CONFIG) if sizes.unet == "sd15" else demo.unet_config(
         320, 768, (1,), attention_output=False, attention_middle=False)
     model_config = comfy.supported_models.SD15(cfg)
@@ -280,24 +289,40 @@ def build_checkpoint(env, sizes: Sizes) -> tuple[dict, dict, dict]:
         base = model_config.get_model({})
         demo.init_parameters_(base.diffusion_model, torch.Generator().manual_seed(SEED * 1009 + 1))
         unet_params = sum(p.numel() for p in base.diffusion_model.parameters())
-        sd = {f"model.diffusion_model.{k}": v.detach() for k, v in base.diffusion_model.state_dict().items()}
-        del base
         clip_cfg = {**demo.CLIP_L_CONFIG, "num_hidden_layers": sizes.clip_layers}
         clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
-                             model_options={"dtype": torch.float32, "clip_l_model_config": clip_cfg})
-        clip.cond_stage_model.to("cpu")  # where the seeded CPU generator can fill it (ComfyUI may pick a GPU)
+                             model_options={"dtype": torch.float32, "clip_l_model_config": clip_cfg,
+                                            "load_device": cpu, "offload_device": cpu})
+        clip.cond_stage_model.to(cpu)  # where the seeded CPU generator can fill it
         demo.init_parameters_(clip.cond_stage_model, torch.Generator().manual_seed(SEED * 1009 + 2),
                               gain=demo.CLIP_LAYER_GAIN, scalars={"logit_scale": math.log(100.0)},
                               embedding_std={"token_embedding.weight": demo.CLIP_TOKEN_STD,
                                              "position_embedding.weight": demo.CLIP_POSITION_STD})
-        clip_sd = model_config.process_clip_state_dict_for_saving(clip.get_sd())
         clip_params = sum(p.numel() for p in clip.cond_stage_model.parameters())
-        del clip
+        patcher = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+        # the edit demo_models.planted_edit_in_process plants, with its default strength
+        deltas, stats = demo.planted_edit_deltas(patcher, clip, PLANTED, vocabulary, TEMPLATE,
+                                                 pad_prompts=demo.DEMO_PAD_PROMPTS)
+        stats = {k: v for k, v in stats.items() if k.endswith("_rel_change")}
+        sd = {f"model.diffusion_model.{k}": v.detach() for k, v in base.diffusion_model.state_dict().items()}
+        clip_sd = model_config.process_clip_state_dict_for_saving(clip.get_sd())
+        del base, clip, patcher
     sd.update({k: v.detach().to(torch.float16) for k, v in clip_sd.items()})
     te_options = {} if sizes.clip_layers == 12 else {"clip_l_model_config": {"num_hidden_layers": sizes.clip_layers}}
     facts = {"unet": sizes.unet, "unet_parameters": unet_params, "text_encoder_layers": sizes.clip_layers,
-             "text_encoder_parameters": clip_params, "planted": list(PLANTED), "template": TEMPLATE}
-    return sd, te_options, facts
+             "text_encoder_parameters": clip_params, "planted": list(PLANTED), "template": TEMPLATE,
+             "edited_weights": len(deltas), "planted_stats": stats}
+    return sd, te_options, deltas, facts
+
+
+def plant(model, deltas: dict):
+    """A clone of the loaded MODEL carrying the planted edit, in the patch form
+    demo_models.planted_edit_in_process gives it ("diff" weight patches)."""
+    adapted = model.clone()
+    added = adapted.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0)
+    if len(added) != len(deltas):
+        raise RuntimeError(f"the loaded model took {len(added)} of {len(deltas)} planted weight patches")
+    return adapted
 
 
 def load_checkpoint(sd: dict, te_options: dict):
@@ -454,13 +479,13 @@ def run_check(env, sizes: Sizes, dynamic_groups=(False, True), paper_precision: 
     log(f"[gpu_check] {sizes.name}: ComfyUI {summary['environment']['comfyui']}, torch {torch.__version__}, "
         f"{summary['environment']['device_name']}")
     t = time.perf_counter()
-    sd, te_options, facts = build_checkpoint(env, sizes)
+    vocab_words = list(sizes.words) if sizes.screen_vocabulary == "custom" else env.demo_models.load_vocabulary(sizes.screen_vocabulary)
+    sd, te_options, deltas, facts = build_checkpoint(env, sizes, vocab_words)
     facts["build_s"] = round(time.perf_counter() - t, 2)
     summary["models"] = facts
     log(f"[gpu_check] built an SD1.5 checkpoint with random weights: UNet {facts['unet_parameters'] / 1e6:.1f}M, "
-        f"text encoder {facts['text_encoder_parameters'] / 1e6:.1f}M parameters ({facts['build_s']} s)")
-
-    vocab_words = list(sizes.words) if sizes.screen_vocabulary == "custom" else env.demo_models.load_vocabulary(sizes.screen_vocabulary)
+        f"text encoder {facts['text_encoder_parameters'] / 1e6:.1f}M parameters, planted edit on "
+        f"{facts['edited_weights']} cross-attention weights ({facts['build_s']} s)")
     state = {"reference": None, "paper_twins": {}}
     groups = {}
     for dyn in dynamic_groups:
@@ -472,7 +497,7 @@ def run_check(env, sizes: Sizes, dynamic_groups=(False, True), paper_precision: 
             reason = f"time budget of {max_seconds:.0f} s used up"
         if reason is None:
             try:
-                run_group(env, sizes, dyn, configs, sd, te_options, vocab_words, device, t0, max_seconds,
+                run_group(env, sizes, dyn, configs, sd, te_options, deltas, device, t0, max_seconds,
                           summary, group, state, log)
             except Exception as exc:  # loading or planting failed: the group's remaining configs say why
                 traceback.print_exc()
@@ -501,17 +526,15 @@ def run_check(env, sizes: Sizes, dynamic_groups=(False, True), paper_precision: 
     return summary
 
 
-def run_group(env, sizes, dyn, configs, sd, te_options, vocab_words, device, t0, max_seconds, summary, group,
+def run_group(env, sizes, dyn, configs, sd, te_options, deltas, device, t0, max_seconds, summary, group,
               state, log) -> None:
     """Load the checkpoint with Dynamic VRAM on or off, plant the edit, run the group's configurations."""
     with dynamic_vram(dyn):
         t = time.perf_counter()
         base, clip = load_checkpoint(sd, te_options)
-        adapted = env.demo_models.planted_edit_in_process(
-            base, clip, PLANTED, vocab_words, TEMPLATE, pad_prompts=env.demo_models.DEMO_PAD_PROMPTS)
+        adapted = plant(base, deltas)
         group.update(load_s=round(time.perf_counter() - t, 2),
-                     patchers={"model": type(base).__name__, "clip": type(clip.patcher).__name__},
-                     planted_stats={k: v for k, v in adapted.driftscope_planted_stats.items() if k.endswith("_rel_change")})
+                     patchers={"model": type(base).__name__, "clip": type(clip.patcher).__name__})
         if dyn and not (base.is_dynamic() and clip.patcher.is_dynamic()):
             raise RuntimeError(f"Dynamic VRAM is on but ComfyUI built {group['patchers']}")
         log(f"[gpu_check] Dynamic VRAM {'on' if dyn else 'off'}: loaded with {group['patchers']} "
