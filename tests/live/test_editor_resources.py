@@ -3,6 +3,11 @@ workflows as templates (the template browser lists /api/workflow_templates under
 folder name) and the node help pages (web/docs/<NodeId>.md, which the frontend fetches from
 /extensions/<pack>/docs/). The browser side of both is in test_frontend.py.
 
+The node help is the frontend's: the server only serves web/ as static files. Frontend 1.32.9
+(what ComfyUI 0.3.75 pins) looks pages up the same way as 1.49 and 1.58 (first
+docs/<NodeId>/<locale>.md, then docs/<NodeId>.md), so 0.3.75 shows them too. A frontend without
+node help, or a page that does not load, falls back to the node's description and tooltips.
+
 ComfyUI 0.3.75 and 0.33 list templates from any of example_workflows/, example/, examples/,
 workflow/ or workflows/ (only the folder's top-level *.json), and log the hint "consider renaming
 it to 'example_workflows'" for the others at debug level only (--verbose DEBUG).
