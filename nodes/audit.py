@@ -51,7 +51,7 @@ class DriftScopeAudit(io.ComfyNode):
             display_name="DriftScope Audit",
             category="DriftScope",
             search_aliases=["lora audit", "concept drift", "lora side effects", "model diff", "drift scope"],
-            has_intermediate_output=True,  # the server resends the table after a page reload
+            has_intermediate_output=True,  # its UI output is kept with the cached result (0.33); the page reload is the frontend's (web/js)
             description="Finds the words whose visual concept an adaptation (LoRA, fine-tune, concept "
                         "erasure) changed most: compares the base and adapted models' cross-attention "
                         "on the same noise, re-scores the top words on shared seeds and calibrates "

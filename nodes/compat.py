@@ -23,6 +23,15 @@ def schema(**options) -> io.Schema:
     return io.Schema(**{k: v for k, v in options.items() if k in _SCHEMA_FIELDS})
 
 
+def fixed_seed_control():
+    """`control_after_generate` for a seed that stays fixed unless the user changes it, with its
+    control widget kept (saved workflows store that widget's value among the others, by position):
+    ComfyUI 0.33's ControlAfterGenerate.fixed; older ones only know True (a control that
+    randomizes by default; a saved workflow's own value still wins)."""
+    control = getattr(io, "ControlAfterGenerate", None)
+    return control.fixed if control is not None else True
+
+
 # -- patched weights ----------------------------------------------------------------------------
 def patched_state_dict(patcher) -> dict[str, torch.Tensor]:
     """The patcher's weights with its patches (a LoRA) applied, on the CPU, leaving the patcher as

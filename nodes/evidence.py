@@ -76,7 +76,8 @@ class DriftScopeEvidenceGrid(io.ComfyNode):
                 io.Clip.Input("adapted_clip", tooltip="The adapted model's CLIP."),
                 io.Vae.Input("vae", tooltip="VAE to decode the images (the checkpoint's VAE)."),
                 io.Int.Input("top_n", default=4, min=1, max=50, tooltip="How many of the top words to show."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             control_after_generate=compat.fixed_seed_control(),
                              tooltip="Sampling seed, shared by base and adapted. Fixed by default, so the evidence "
                                      "matches the report it was made for when the workflow is queued again."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps of each image (full sampling, unlike the audit's truncated steps)."),
