@@ -93,10 +93,3 @@ def is_out_of_memory(err: BaseException) -> bool:
     if test is not None:
         return bool(test(err))
     return isinstance(err, torch.OutOfMemoryError)
-
-
-# -- cancel ---------------------------------------------------------------------------------------
-def interrupt_exception() -> type[BaseException]:
-    """The exception ComfyUI raises when the user cancels. It derives from BaseException since
-    0.20, so `except Exception` does not see it there: clean-up code uses `finally`."""
-    return comfy.model_management.InterruptProcessingException

@@ -168,12 +168,6 @@ def test_schema_keeps_only_options_this_comfyui_knows():
         assert hasattr(s, name) == hasattr(io.Schema(node_id="y"), name)
 
 
-def test_cancel_exception_is_not_an_ordinary_exception_where_comfyui_says_so():
-    """0.20 made the cancel a BaseException: clean-up must not rely on `except Exception`."""
-    exc = compat.interrupt_exception()
-    assert exc is mm.InterruptProcessingException
-
-
 def test_gradient_clone_of_a_dynamic_model_is_classic_and_keeps_the_lora(demo_models, dynamic_patcher_class):
     """Paper mode's gradient path on a checkpoint that Dynamic VRAM loaded: grad_ready_clone
     takes ComfyUI's non-dynamic delegate (reloaded from the file), keeps the LoRA's patches, and
