@@ -53,7 +53,8 @@ when --max-seconds is used up. A configuration that raises is reported as an err
 message, and the rest still run.
 
 Exit status: 0 when no configuration failed, every screen-mode run has the planted words on top
-and every paper-mode run found at least one of them (its soft-prompt search recalled half of the
+(each with a drift above every other reported word's) and every paper-mode run found at least one
+of them (its soft-prompt search recalled half of the
 truth's top 10 in the benchmark, benchmarks/README.md); 1 otherwise. Mismatches with the
 reference are reported, not failed: bf16/fp16 may reorder words whose drift is close.
 
@@ -92,7 +93,9 @@ SD15_UNET_CONFIG = {
     "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
     "use_temporal_resblock": False, "use_temporal_attention": False,
 }
-SMOKE_WORDS = ("tiger", "bicycle", "castle", "apple", "river", "chair", "cloud", "horse", "lamp", "bridge")
+# The planted words come last: a ranking of equal drifts (identical models) keeps the list's order,
+# and must not look like a found edit.
+SMOKE_WORDS = ("apple", "river", "chair", "cloud", "horse", "lamp", "bridge", "tiger", "bicycle", "castle")
 
 
 @dataclass(frozen=True)
@@ -126,17 +129,18 @@ class Sizes:
 # 6.5 minutes have passed (the configuration running then still finishes).
 GPU = Sizes(
     name="gpu", unet="sd15", clip_layers=12, width=512, screen_vocabulary="cifar100",
-    paper_words=PLANTED + ("apple", "aquarium fish", "baby", "bear", "bed", "bee", "bottle", "bowl", "boy",
-                           "bridge", "butterfly", "camel", "can", "caterpillar", "chair", "cloud", "cup"),
+    paper_words=("apple", "aquarium fish", "baby", "bear", "bed", "bee", "bottle", "bowl", "boy", "bridge",
+                 "butterfly", "camel", "can", "caterpillar", "chair", "cloud", "cup") + PLANTED,
     screen_top_k=10, paper_top_k=3, micro_batch=8, max_seconds=390.0,
 )
 # CPU (2 shared cores): 2-3 s per screen audit on the smallest detectable SD1.5 UNet (13.6M) at a
 # 4x4 latent, 5-15 s per paper audit; about 25-35 s in all plus ComfyUI's import.
 SMOKE = Sizes(
     name="cpu-smoke", unet="smallest", clip_layers=1, width=32, screen_vocabulary="custom",
-    paper_words=SMOKE_WORDS, words=SMOKE_WORDS, screen_top_k=5, paper_top_k=2, micro_batch=8,
+    paper_words=SMOKE_WORDS, words=SMOKE_WORDS, screen_top_k=5, paper_top_k=1, micro_batch=8,
     screen_settings=dict(rescore_seeds=2, calibration_size=8, finalists=5),
-    paper_settings=dict(opt_steps=3, patience=2, rescore_seeds=2, calibration_size=8, max_runs_factor=2),
+    # 8 AdamW steps find a planted word (3 steps found none of them)
+    paper_settings=dict(opt_steps=8, patience=3, rescore_seeds=2, calibration_size=8, max_runs_factor=2),
 )
 
 
@@ -390,11 +394,21 @@ def run_config(env, sizes: Sizes, cfg: Config, models, device) -> dict:
             row["aimdo_vram_bytes_after"] = int(comfy_aimdo.control.get_total_vram_usage())
     # the right answer: the first min(k, 3) words are the planted ones
     n = min(top_k, len(PLANTED))
+    row["drift"] = [e.drift for e in report.entries]
     row["planted_found"] = len(set(row["top"][:n]) & set(PLANTED))
     row["planted_on_top"] = row["planted_found"] == n
+    # ... and clearly apart: the least drifted of them above every other reported word (equal drifts
+    # would leave the order of the list)
+    others = [d for w, d in zip(row["top"], row["drift"]) if w not in PLANTED]
+    mine = [d for w, d in zip(row["top"][:n], row["drift"][:n]) if w in PLANTED]
+    row["planted_separated"] = bool(mine) and all(math.isfinite(d) for d in row["drift"]) and (
+        not others or min(mine) > max(others))
     # screen must find them all; paper's soft-prompt search is weaker by design (it recalled half the
     # truth's top 10 in the benchmark, benchmarks/README.md): it must find at least one
-    row["planted_ok"] = row["planted_on_top"] if cfg.mode == "screen" else row["planted_found"] >= 1
+    if cfg.mode == "screen":
+        row["planted_ok"] = row["planted_on_top"] and row["planted_separated"]
+    else:
+        row["planted_ok"] = row["planted_found"] >= 1 and all(math.isfinite(d) for d in row["drift"])
     return row
 
 

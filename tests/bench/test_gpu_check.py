@@ -83,14 +83,18 @@ def test_figures_are_finite_and_positive_where_it_ran(smoke):
 def test_planted_words_are_found_on_top(smoke):
     _, summary, _ = smoke
     rows = by_name(summary)
+    # the smoke list puts them last, so a ranking of equal drifts could not put them first
+    assert set(gpu_check.SMOKE_WORDS[:3]).isdisjoint(PLANTED)
     ref = rows["dynamic-off/screen/fp32"]
     assert summary["reference"]["name"] == ref["name"]
     assert set(ref["top"][:3]) == PLANTED, ref["top"]
+    assert min(ref["drift"][:3]) > 10 * max(ref["drift"][3:]) and ref["planted_separated"], ref["drift"]
     assert ref["same_set"] and ref["same_order"] and ref["overlap"] == 1.0  # the reference against itself
     for gc in ("off", "on"):
         paper = rows[f"dynamic-off/paper/auto/gc-{gc}"]
         assert paper["report_mode"] == "paper" and paper["unet_backward"] > 0
-        assert set(paper["top"]) <= PLANTED and paper["planted_on_top"], paper["top"]
+        assert paper["top_k"] == 1 and paper["top"][0] in PLANTED and paper["planted_on_top"], paper["top"]
+        assert paper["drift"][0] > 10 * max(ref["drift"][3:])
         assert set(paper["reference_top"]) <= PLANTED  # the reference's best among paper's candidates
 
 
@@ -114,7 +118,7 @@ def test_failures_and_wrong_answers_fail_the_check(bench_env, one_thread, monkey
         n = min(len(top), 3)
         found = len(set(top[:n]) & PLANTED)
         return {"status": "ran", "wall_s": 1.0, "unet_forward": 10, "unet_backward": 0, "text_forward": 1,
-                "evals_per_s": 10.0, "top_k": len(top), "top": top, "planted_found": found,
+                "evals_per_s": 10.0, "top_k": len(top), "top": top, "drift": [1.0] * len(top), "planted_found": found,
                 "planted_on_top": found == n, "planted_ok": found == n if cfg.mode == "screen" else found >= 1}
 
     monkeypatch.setattr(gpu_check, "run_config", fake)
@@ -128,3 +132,15 @@ def test_failures_and_wrong_answers_fail_the_check(bench_env, one_thread, monkey
     assert rows["dynamic-off/paper/auto/gc-off"]["same_set"] is False
     assert set(rows) == {n for n in EXPECTED if n.startswith("dynamic-off/")}
     assert "NOT OK" in capsys.readouterr().out
+
+
+def test_without_the_edit_the_check_fails(bench_env, one_thread, monkeypatch, tmp_path):
+    """Base and "adapted" identical: every drift is equal, the list's order decides the ranking,
+    and the check must not call that a found edit (screen fp32 only, a few seconds)."""
+    monkeypatch.setattr(gpu_check, "plant", lambda model, deltas: model.clone())
+    monkeypatch.setattr(gpu_check, "configurations", lambda groups, precision: [gpu_check.Config(False, "screen", "fp32", False)])
+    rc = gpu_check.main(["--cpu-smoke", "--dynamic", "off", "--json", str(tmp_path / "s.json")], env=bench_env)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    (row,) = summary["configurations"]
+    assert rc == 1 and not summary["ok"] and summary["planted_missed"] == [row["name"]]
+    assert row["status"] == "ran" and not row["planted_ok"] and not row["planted_separated"]
