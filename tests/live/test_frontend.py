@@ -385,6 +385,23 @@ def test_template_browser_lists_example_workflows(pinned):
     editor.page.keyboard.press("Escape")
 
 
+def test_table_shows_markup_in_token_text_as_text(pinned):
+    """Token text is never parsed as HTML: a custom word that is an HTML payload shows as
+    written, creates no element and runs nothing (issue 12)."""
+    payload = '  1  <img src=x onerror="window.__driftscopePwned=1">  0.04  *\n<b>bold</b> <script>window.__driftscopePwned=2</script>'
+    state = pinned.js("""async ([id, text]) => {
+        const node = app.graph.getNodeById(id);
+        const before = document.querySelectorAll('img[src="x"], b, script').length;
+        node.onExecuted({text: [text]});
+        await new Promise(r => setTimeout(r, 300));
+        return {shown: node.driftscopeTable.element.value, value: node.driftscopeTable.value,
+                added: document.querySelectorAll('img[src="x"], b, script').length - before,
+                pwned: window.__driftscopePwned ?? null};
+    }""", [int(AUDIT), payload])
+    assert state["shown"] == payload and state["value"] == payload, state
+    assert state["added"] == 0 and state["pwned"] is None, state
+
+
 def test_removing_node_takes_its_box_out_of_the_page(pinned):
     detached = pinned.js("""(id) => new Promise(resolve => {
         const node = app.graph.getNodeById(id), el = node.driftscopeTable.element;
