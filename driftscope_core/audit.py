@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,14 +22,82 @@ Callback = Callable[[dict], None]
 
 # Share of the progress bar each stage gets.
 STAGE_WEIGHTS = {"search": 0.7, "rescore": 0.15, "calibrate": 0.15}
+# What a host may hold an audit to (nodes/audit.py refuses an audit past it before it starts):
+# model evaluations (text-encoder passes + UNet evaluations, forward) of the busier model. The
+# whole CLIP vocabulary (clip_words, 32,031 words) in screen mode needs about 67,000 per
+# template, so it fits with up to three templates; scanning it in full needs about 1,060,000.
+MAX_EVALUATIONS = 250_000
+
+
+@dataclass(frozen=True)
+class PlannedCost:
+    """The model evaluations an audit will run, per stage: exact for the UNet in screen and scan
+    mode, at most that for text passes (a long list does not fit the text cache) and for paper
+    mode (runs may stop early). Counts per model side, in EvaluationCounts' names."""
+
+    by_stage: dict[str, dict[str, dict[str, int]]]  # stage -> side -> {"text_forward", "unet_forward"}
+
+    def of(self, side: str, kind: str) -> int:
+        return sum(stage[side][kind] for stage in self.by_stage.values())
+
+    @property
+    def per_model(self) -> int:
+        """Forward evaluations of the busier side: what MAX_EVALUATIONS bounds."""
+        return max(self.of(s, "text_forward") + self.of(s, "unet_forward") for s in ("base", "adapted"))
+
+
+def planned_cost(settings: AuditSettings, words: int, templates: int, shared_text: bool,
+                 gradient_checkpointing: bool = False, cache_size: int = SamplingSettings.cache_size) -> PlannedCost:
+    """Count, before anything runs, what run_audit will evaluate for `words` candidates and
+    `templates` templates (the report's evaluations_by_stage, afterwards, says what it did)."""
+    full = settings.kept_steps * (1 if settings.cfg == 1.0 else 2)  # UNet evaluations per latent, guided
+    cached = words <= cache_size  # then every word's conditioning is kept after its first encoding
+    k = min(settings.top_k, words)  # reported words
+
+    def side(text: int, unet: int, adapted_text: int | None = None, adapted_unet: int | None = None) -> dict:
+        """Per-template counts of both sides; by default the adapted side encodes what the base
+        encodes unless the text encoder is shared, and runs the same UNet evaluations."""
+        a_text = (0 if shared_text else text) if adapted_text is None else adapted_text
+        a_unet = unet if adapted_unet is None else adapted_unet
+        return {"base": {"text_forward": text * templates, "unet_forward": unet * templates},
+                "adapted": {"text_forward": a_text * templates, "unet_forward": a_unet * templates}}
+
+    def again(n: int) -> int:  # words of a later stage that were encoded in the search
+        return 0 if cached else n
+
+    if settings.mode == "paper":
+        steps = settings.max_runs_factor * settings.top_k * settings.opt_steps  # the run budget, at most
+        unet = steps * settings.noise_batch * full
+        # each step encodes the soft prompt on both sides; checkpointing runs the adapted forward twice
+        search = side(steps, unet, adapted_text=steps, adapted_unet=unet * (2 if gradient_checkpointing else 1))
+        rescore = side(k, k * settings.rescore_seeds * full)
+        null = min(settings.calibration_size, words)
+        calibrate = side(null, null * settings.calibration_seeds * full)  # words no stage encoded before
+    else:
+        if settings.mode == "scan":
+            search = side(words, words * settings.noise_batch * full)
+            rescore = side(again(k), k * settings.rescore_seeds * full)
+        elif not proxy_seeds(settings, words):  # screen, every word a finalist
+            search = side(words, words * settings.rescore_seeds * full)
+            rescore = side(0, 0)
+        else:  # screen: the proxy (one step, no guidance) on every word, the shortlist again, finalists in full
+            short = min(settings.shortlist, words) if len(proxy_seeds(settings, words)) > settings.screen_seeds else 0
+            finalists = max(settings.finalists, settings.top_k)
+            search = side(words + again(short + finalists),
+                          (words + short) * settings.screen_seeds + finalists * settings.rescore_seeds * full)
+            rescore = side(0, 0)  # screen measured its finalists on the re-scoring seeds
+        null = min(settings.calibration_size, words - k)
+        calibrate = side(again(null), null * settings.calibration_seeds * full)
+    return PlannedCost({"search": search, "rescore": rescore, "calibrate": calibrate})
 
 
 class _Stages:
     """Turns per-stage (done, total) into one overall fraction for a callback(dict), and
-    records each stage's evaluations per model side."""
+    records each stage's evaluations per model side. Every event carries `evaluations`, the
+    forward evaluations of the busier side so far, and `planned`, what the audit plans."""
 
-    def __init__(self, callback: Callback | None, sides: tuple[ModelSide, ...]):
-        self.callback, self.sides = callback, sides
+    def __init__(self, callback: Callback | None, sides: tuple[ModelSide, ...], planned: int):
+        self.callback, self.sides, self.planned = callback, sides, planned
         self.offset = 0.0
         self.evaluations: dict[str, dict] = {}
         self._current: tuple[str, dict] | None = None
@@ -42,17 +111,21 @@ class _Stages:
             self._current = None
 
     def stage(self, name: str):
-        """Start stage `name` (ending the previous one) and return its progress function."""
+        """Start stage `name` (ending the previous one), report its start and return its
+        progress function `report(done, total, note="")`."""
         self.close()
         self._current = (name, {s.name: s.counts.as_dict() for s in self.sides})
         weight, start = STAGE_WEIGHTS[name], self.offset
         self.offset += weight
 
-        def report(done: int, total: int) -> None:
+        def report(done: int, total: int, note: str = "") -> None:
             if self.callback is not None:
                 overall = start + weight * (done / max(total, 1))
-                self.callback({"stage": name, "done": done, "total": total, "overall": overall})
+                spent = max(s.counts.text_forward + s.counts.unet_forward for s in self.sides)
+                self.callback({"stage": name, "done": done, "total": total, "overall": overall, "note": note,
+                               "evaluations": spent, "planned": self.planned})
 
+        report(0, 1, "starting")
         return report
 
 
@@ -68,7 +141,10 @@ def run_audit(
     models: dict | None = None,
     callback: Callback | None = None,
 ) -> DriftReport:
-    """Run one audit. `callback(dict)` gets progress and may raise to cancel."""
+    """Run one audit. `callback(dict)` gets progress and may raise to cancel: at the start of
+    every stage ("prepare", "search", "rescore", "calibrate") and after every model call, with
+    the stage, a `note` on what runs (e.g. "proxy: encoding 512/20,000 words"), `overall` (0-1),
+    and `evaluations` done of the `planned` (planned_cost) per model."""
     settings.validate()
     sampling = SamplingSettings(
         latent_shape=(latent_channels, settings.height // 8, settings.width // 8),
@@ -76,9 +152,12 @@ def run_audit(
         cfg=settings.cfg,
         objective=settings.objective,
     )
-    stages = _Stages(callback, (base, adapted))
     timings: dict[str, float] = {}
+    if callback is not None:  # the empty prompt's encoding comes first
+        callback({"stage": "prepare", "note": "encoding the empty prompt"})
     meter = DriftMeter(base, adapted, vocab, templates, schedule, sampling, runtime)
+    cost = planned_cost(settings, len(vocab), len(templates), meter.shared_text, runtime.gradient_checkpointing)
+    stages = _Stages(callback, (base, adapted), cost.per_model + 1)  # + the empty prompt
 
     t = time.perf_counter()
     findings = SEARCHES[settings.mode](meter, settings, stages.stage("search"))

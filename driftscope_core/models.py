@@ -49,6 +49,10 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     autocast_dtype: torch.dtype | None = None
     micro_batch: int = 8  # latents per denoiser call (a guided call runs twice as many)
+    # prompts per text-encoder call, each followed by progress and a cancel point: a CLIP-L pass
+    # costs 0.2-0.35 s per prompt on a 2-core CPU (no faster per prompt in larger batches), so
+    # that is about a second; on a GPU the extra calls cost seconds per 20,000 words
+    text_batch: int = 4
     gradient_checkpointing: bool = False
 
     def autocast(self):

@@ -16,16 +16,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .meter import DriftMeter
+from .meter import DriftMeter, Progress
 from .settings import AuditSettings
 from .soft_prompt import SoftPrompt
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -47,16 +44,22 @@ def scan(meter: DriftMeter, settings: AuditSettings, progress: Progress | None =
     """Score every candidate on `noise_batch` shared seeds; keep the top K."""
     indices = list(range(len(meter.vocab)))
     seeds = settings.derived_seeds("search", settings.noise_batch)
-    drifts = meter.score(indices, seeds, progress).mean(dim=1)  # (C,)
+    drifts = meter.score(indices, seeds, _part(progress, 0, 1, "scan")).mean(dim=1)  # (C,)
     order = _order(drifts, settings.direction)[: settings.top_k]
     return [Finding(int(i), float(drifts[i])) for i in order]
 
 
-def _part(progress: Progress | None, index: int, parts: int) -> Progress | None:
-    """Progress of sub-stage `index` of `parts` equal parts of one stage."""
+def _part(progress: Progress | None, index: int, parts: int, name: str = "") -> Progress | None:
+    """Progress of sub-stage `index` of `parts` equal parts of one stage; `name` heads its notes
+    (e.g. "proxy: encoding 512/20,000 words")."""
     if progress is None:
         return None
-    return lambda done, total: progress(index * total + done, parts * total)
+
+    def report(done, total, note: str = "") -> None:
+        note = f"{name}: {note}" if name and note else (name or note)
+        progress(index * total + done, parts * total, note)
+
+    return report
 
 
 def _finalist_count(settings: AuditSettings) -> int:
@@ -81,11 +84,11 @@ def proxy_finalists(meter: DriftMeter, settings: AuditSettings, progress: Progre
     seeds = proxy_seeds(settings, len(meter.vocab))
     first, second = seeds[: settings.screen_seeds], seeds[settings.screen_seeds :]
     rounds = 2 if second else 1
-    cheap = proxy.score(list(range(len(meter.vocab))), first, _part(progress, 0, rounds)).mean(dim=1)  # (C,)
+    cheap = proxy.score(list(range(len(meter.vocab))), first, _part(progress, 0, rounds, "proxy")).mean(dim=1)  # (C,)
     order = _order(cheap, settings.direction)
     if second:
         short = order[: settings.shortlist]  # (S,)
-        more = proxy.score(short.tolist(), second, _part(progress, 1, rounds)).mean(dim=1)  # (S,)
+        more = proxy.score(short.tolist(), second, _part(progress, 1, rounds, "shortlist")).mean(dim=1)  # (S,)
         order = short[_order((cheap[short] + more) / 2, settings.direction)]  # (S,)
     return order[: _finalist_count(settings)].tolist()
 
@@ -96,7 +99,8 @@ def screen(meter: DriftMeter, settings: AuditSettings, progress: Progress | None
     indices = list(range(len(meter.vocab)))
     if proxy_seeds(settings, len(indices)):
         indices = proxy_finalists(meter, settings, _part(progress, 0, 2))
-    per_seed = meter.score(indices, settings.derived_seeds("rescore", settings.rescore_seeds), _part(progress, 1, 2))  # (n_final, R)
+    seeds = settings.derived_seeds("rescore", settings.rescore_seeds)
+    per_seed = meter.score(indices, seeds, _part(progress, 1, 2, "finalists"))  # (n_final, R)
     drifts = per_seed.mean(dim=1)  # (n_final,)
     order = _order(drifts, settings.direction)[: settings.top_k]
     return [Finding(indices[int(i)], float(drifts[i]), rescored=per_seed[i]) for i in order]
@@ -133,18 +137,23 @@ def soft_prompt_run(meter: DriftMeter, settings: AuditSettings, run: int, progre
     sign = -1.0 if settings.direction == "most" else 1.0  # minimize sign * drift
     best = _BestWord()
     step = 0
+
+    def beat() -> None:  # after every model call of a step: progress moves, a cancel stops here
+        if progress is not None:
+            progress(step - 1, settings.opt_steps, f"run {run + 1}, step {step}/{settings.opt_steps}")
+
     for step in range(1, settings.opt_steps + 1):
         opt.zero_grad(set_to_none=True)
         one_hot = soft.sample(settings.tau, gumbel)  # (C,)
         word = int(one_hot.argmax())
-        drift = float(meter.soft_backward(one_hot, noise_seeds, sign).mean())
+        drift = float(meter.soft_backward(one_hot, noise_seeds, sign, beat).mean())
         if best.index is not None and settings.focus_weight > 0:
             target = torch.tensor([best.index], device=device)
             (settings.focus_weight * F.cross_entropy(soft.logits[None], target)).backward()
         opt.step()
         best.update(word, sign * drift)
         if progress is not None:
-            progress(step, settings.opt_steps)
+            progress(step, settings.opt_steps, f"run {run + 1}, step {step}/{settings.opt_steps}")
         if best.held >= settings.patience:
             break
     return Finding(best.index, sign * best.loss, run=run, steps=step)
@@ -157,8 +166,7 @@ def paper_search(meter: DriftMeter, settings: AuditSettings, progress: Progress 
     for run in range(max_runs):
         if len(found) >= settings.top_k:
             break
-        report = None if progress is None else (lambda d, t, r=run: progress(r * t + d, max_runs * t))
-        f = soft_prompt_run(meter, settings, run, report)
+        f = soft_prompt_run(meter, settings, run, _part(progress, run, max_runs, "optimizer"))
         better = f.index not in found or (
             (f.search_drift > found[f.index].search_drift) == (settings.direction == "most")
         )

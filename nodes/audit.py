@@ -1,17 +1,20 @@
 """DriftScope Audit node: base and adapted MODEL/CLIP in, ranked drifted words out."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from comfy_api.latest import io, ui
 
 import comfy.samplers
 
-from ..driftscope_core.audit import run_audit
+from ..driftscope_core.audit import MAX_EVALUATIONS, planned_cost, run_audit
 from ..driftscope_core.concepts import BUILTIN_LISTS
+from ..driftscope_core.models import Runtime
 from ..driftscope_core.objective import OBJECTIVES
 from ..driftscope_core.prompts import parse_templates, tokenize_template
-from ..driftscope_core.settings import DIRECTIONS, MODES, PRESETS, settings_from_preset
-from ..driftscope_core.vocabulary import build_vocabulary
+from ..driftscope_core.settings import DIRECTIONS, MODES, PRESETS, AuditSettings, settings_from_preset
+from ..driftscope_core.vocabulary import MAX_WORDS, build_vocabulary
 from . import host
 from .progress import node_progress, send_text
 from . import compat
@@ -22,25 +25,88 @@ VOCABULARIES = ("cifar100", "cifar10", "coco80", "imagenet1k", "clip_words", "cu
 
 def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabulary, custom_words, templates,
                  preset, mode, scheduler, precision, micro_batch, gradient_checkpointing, node_id=None, **settings):
-    """Everything the node does, callable without a node: check inputs, build the core's view
-    of both models, run the audit under gradients, return the report."""
+    """Everything the node does, callable without a node: check inputs, refuse an audit too large
+    to run (check_cost), build the core's view of both models, run the audit under gradients,
+    return the report. Progress (and a cancel point) from the first word on."""
+    progress = node_progress(node_id, "DriftScope")
     overrides = dict(settings, **({} if mode == "preset" else {"mode": mode}))
     audit_settings = settings_from_preset(preset, **overrides)
     family = host.check_pair(base_model, adapted_model, base_clip, adapted_clip)
     tokenize, bpe, reserved = host.tokenizer_functions(base_clip)
-    vocab = build_vocabulary(vocabulary, tokenize, bpe, custom_words, reserved_ids=reserved)
+    progress({"stage": "vocabulary", "note": "reading the word list"})
+    vocab = build_vocabulary(vocabulary, _reporting(tokenize, progress), bpe, custom_words, reserved_ids=reserved)
+    template_texts = parse_templates(templates)
     runtime = host.runtime_for(precision, micro_batch, gradient_checkpointing)
+    plan = check_cost(audit_settings, len(vocab), len(template_texts), host.same_text_encoder(base_clip, adapted_clip),
+                      runtime, vocabulary)
+    progress({"stage": "plan", "note": plan})
     with torch.inference_mode(False), torch.enable_grad():
+        progress({"stage": "prepare", "note": "copying the text encoders"})
         base, adapted = host.model_sides(base_model, base_clip, adapted_model, adapted_clip, runtime,
                                          need_grad=audit_settings.mode == "paper")
-        tpls = [tokenize_template(t, tokenize, base.layout) for t in parse_templates(templates)]
+        tpls = [tokenize_template(t, tokenize, base.layout) for t in template_texts]
         schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
         return run_audit(
             base, adapted, vocab, tpls, schedule, audit_settings, runtime,
             latent_channels=base_model.model.latent_format.latent_channels,
             models={"family": family, "base": host.identity(base_model, base_clip), "adapted": host.identity(adapted_model, adapted_clip)},
-            callback=node_progress(node_id, "DriftScope"),
+            callback=progress,
         )
+
+
+def _reporting(tokenize, progress, every: int = 1000):
+    """`tokenize` with a progress event (and so a cancel point) every `every` words."""
+    calls = 0
+
+    def counted(text: str) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls % every == 0:
+            progress({"stage": "vocabulary", "note": f"tokenizing {calls:,} words"})
+        return tokenize(text)
+
+    return counted
+
+
+def check_cost(settings: AuditSettings, words: int, templates: int, shared_text: bool, runtime: Runtime,
+               vocabulary: str) -> str:
+    """The audit's plan in one line, or an InputError naming the word list when it would need more
+    than MAX_EVALUATIONS model evaluations per model, with what would fit instead."""
+    gradient_checkpointing = runtime.gradient_checkpointing
+    cost = planned_cost(settings, words, templates, shared_text, gradient_checkpointing)
+    side = max(("base", "adapted"), key=lambda s: cost.of(s, "text_forward") + cost.of(s, "unet_forward"))
+    plan = (f"{words:,} words x {templates} template{'s' * (templates > 1)}, {settings.mode} mode: at most "
+            f"{cost.per_model:,} model evaluations per model ({cost.of(side, 'text_forward'):,} text-encoder passes, "
+            f"{cost.of(side, 'unet_forward'):,} UNet evaluations)")
+    if cost.per_model <= MAX_EVALUATIONS:
+        return plan
+    where = "custom_words" if vocabulary == "custom" else f"vocabulary '{vocabulary}'"
+    fits = _words_that_fit(settings, templates, shared_text, gradient_checkpointing)
+    remedies = [f"a shorter list (at most {fits:,} words fit {settings.mode} mode with these settings)" if fits
+                else "a smaller preset"]
+    if settings.mode != "screen":
+        screen = planned_cost(replace(settings, mode="screen"), words, templates, shared_text)
+        if screen.per_model <= MAX_EVALUATIONS:
+            remedies.append(f"mode screen (about {screen.per_model:,} per model for this list; it recalled as much "
+                            "as scan in the benchmark)")
+    if templates > 1:
+        remedies.append("fewer templates")
+    on_cpu = (" On a CPU even an audit within the limit takes hours for a list this long: a GPU is the place "
+              "for it." if runtime.device.type == "cpu" else "")
+    raise host.InputError(f"{where}: {plan}, more than the {MAX_EVALUATIONS:,} an audit takes. "
+                          f"Use {', or '.join(remedies)}.{on_cpu}")
+
+
+def _words_that_fit(settings: AuditSettings, templates: int, shared_text: bool, gradient_checkpointing: bool) -> int:
+    """The longest list (0 if none) whose audit stays within MAX_EVALUATIONS, by bisection."""
+    lo, hi = 0, MAX_WORDS
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if planned_cost(settings, mid, templates, shared_text, gradient_checkpointing).per_model <= MAX_EVALUATIONS:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class DriftScopeAudit(io.ComfyNode):
@@ -62,11 +128,17 @@ class DriftScopeAudit(io.ComfyNode):
                 io.Model.Input("adapted_model", tooltip="The adapted model (e.g. from LoraLoader or a second Load Checkpoint)."),
                 io.Clip.Input("adapted_clip", tooltip="The adapted model's CLIP (LoraLoader's CLIP output; the base CLIP if the adaptation left the text encoder alone)."),
                 io.Combo.Input("vocabulary", options=list(VOCABULARIES), default="cifar100",
-                               tooltip="Candidate words: a built-in concept list, every whole-word CLIP token (clip_words, ~30k: use mode paper), or your own list (custom)."),
+                               tooltip="Candidate words: a built-in concept list, every whole-word CLIP token (clip_words, 32,031 words), "
+                                       "or your own list (custom). The cost grows with the list: clip_words in screen mode takes about "
+                                       "32,000 text-encoder passes and 35,000 UNet evaluations per model (about 2.4 hours on a 2-core "
+                                       "CPU even with tiny demo models at 64 px: a GPU is the place for it); scan mode would take "
+                                       f"over a million. An audit past {MAX_EVALUATIONS:,} model evaluations per model is refused "
+                                       "before it starts, with its cost and what would fit."),
                 io.String.Input("custom_words", multiline=True, default="",
-                                tooltip="With vocabulary 'custom': your words, one per line or comma-separated. Words of several tokens are kept whole."),
+                                tooltip="With vocabulary 'custom': your words, one per line or comma-separated. Words of several tokens are kept whole. "
+                                        "The node shows the audit's cost before it starts (see vocabulary)."),
                 io.String.Input("templates", multiline=True, default="a photo of a {}",
-                                tooltip="Prompt templates, one per line, each with exactly one {} where the word goes. Drift is averaged over templates."),
+                                tooltip="Prompt templates, one per line, each with exactly one {} where the word goes. Drift is averaged over templates; each one adds the cost of a whole audit."),
                 io.Combo.Input("preset", options=list(PRESETS), default="standard",
                                tooltip="Search budget: quick (a first look), standard, paper (the paper's numbers: 4 of 50 steps, CFG 7.5, batch 4, 100 AdamW steps)."),
                 io.Combo.Input("mode", options=["preset", *MODES], default="preset",

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -46,6 +47,8 @@ def evidence_images(report: DriftReport, base_model, base_clip, adapted_model, a
         prompt = template.replace("{}", e.token)
         images = []
         for model, clip in ((base_model, base_clip), (adapted_model, adapted_clip)):
+            # a cancel point between images; inside one, ComfyUI's layers check at every op
+            comfy.model_management.throw_exception_if_processing_interrupted()
             images.append(sample_image(model, vae, encode(clip, prompt), encode(clip, ""), **settings))
             bar.update(1)
         pairs += images
