@@ -45,6 +45,11 @@ class PlannedCost:
         """Forward evaluations of the busier side: what MAX_EVALUATIONS bounds."""
         return max(self.of(s, "text_forward") + self.of(s, "unet_forward") for s in ("base", "adapted"))
 
+    @property
+    def total(self) -> int:
+        """Forward evaluations of both sides: what progress counts."""
+        return sum(self.of(s, "text_forward") + self.of(s, "unet_forward") for s in ("base", "adapted"))
+
 
 def planned_cost(settings: AuditSettings, words: int, templates: int, shared_text: bool,
                  gradient_checkpointing: bool = False, cache_size: int = SamplingSettings.cache_size) -> PlannedCost:
@@ -88,13 +93,14 @@ def planned_cost(settings: AuditSettings, words: int, templates: int, shared_tex
             rescore = side(0, 0)  # screen measured its finalists on the re-scoring seeds
         null = min(settings.calibration_size, words - k)
         calibrate = side(again(null), null * settings.calibration_seeds * full)
-    return PlannedCost({"search": search, "rescore": rescore, "calibrate": calibrate})
+    prepare = {s: {"text_forward": 1, "unet_forward": 0} for s in ("base", "adapted")}  # the empty prompt
+    return PlannedCost({"prepare": prepare, "search": search, "rescore": rescore, "calibrate": calibrate})
 
 
 class _Stages:
     """Turns per-stage (done, total) into one overall fraction for a callback(dict), and
     records each stage's evaluations per model side. Every event carries `evaluations`, the
-    forward evaluations of the busier side so far, and `planned`, what the audit plans."""
+    forward evaluations of both sides so far, and `planned`, how many the audit plans at most."""
 
     def __init__(self, callback: Callback | None, sides: tuple[ModelSide, ...], planned: int):
         self.callback, self.sides, self.planned = callback, sides, planned
@@ -121,7 +127,7 @@ class _Stages:
         def report(done: int, total: int, note: str = "") -> None:
             if self.callback is not None:
                 overall = start + weight * (done / max(total, 1))
-                spent = max(s.counts.text_forward + s.counts.unet_forward for s in self.sides)
+                spent = sum(s.counts.text_forward + s.counts.unet_forward for s in self.sides)
                 self.callback({"stage": name, "done": done, "total": total, "overall": overall, "note": note,
                                "evaluations": spent, "planned": self.planned})
 
@@ -144,7 +150,7 @@ def run_audit(
     """Run one audit. `callback(dict)` gets progress and may raise to cancel: at the start of
     every stage ("prepare", "search", "rescore", "calibrate") and after every model call, with
     the stage, a `note` on what runs (e.g. "proxy: encoding 512/20,000 words"), `overall` (0-1),
-    and `evaluations` done of the `planned` (planned_cost) per model."""
+    and `evaluations` done of the `planned` (planned_cost), both models together."""
     settings.validate()
     sampling = SamplingSettings(
         latent_shape=(latent_channels, settings.height // 8, settings.width // 8),
@@ -157,7 +163,7 @@ def run_audit(
         callback({"stage": "prepare", "note": "encoding the empty prompt"})
     meter = DriftMeter(base, adapted, vocab, templates, schedule, sampling, runtime)
     cost = planned_cost(settings, len(vocab), len(templates), meter.shared_text, runtime.gradient_checkpointing)
-    stages = _Stages(callback, (base, adapted), cost.per_model + 1)  # + the empty prompt
+    stages = _Stages(callback, (base, adapted), cost.total)
 
     t = time.perf_counter()
     findings = SEARCHES[settings.mode](meter, settings, stages.stage("search"))
