@@ -9,15 +9,13 @@ from comfy_api.latest import io, ui
 import comfy.samplers
 
 from ..driftscope_core.audit import MAX_EVALUATIONS, planned_cost, run_audit
-from ..driftscope_core.concepts import BUILTIN_LISTS
 from ..driftscope_core.models import Runtime
 from ..driftscope_core.objective import OBJECTIVES
 from ..driftscope_core.prompts import parse_templates, tokenize_template
 from ..driftscope_core.settings import DIRECTIONS, MODES, PRESETS, AuditSettings, settings_from_preset
 from ..driftscope_core.vocabulary import MAX_WORDS, build_vocabulary
-from . import host
+from . import compat, errors, host
 from .progress import node_progress, send_text
-from . import compat
 from .sockets import DriftReportType
 
 VOCABULARIES = ("cifar100", "cifar10", "coco80", "imagenet1k", "clip_words", "custom")
@@ -44,7 +42,7 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
         progress({"stage": "prepare", "note": "copying the text encoders"})
         base, adapted = host.model_sides(base_model, base_clip, adapted_model, adapted_clip, runtime,
                                          need_grad=audit_settings.mode == "paper")
-        tpls = [tokenize_template(t, tokenize, base.layout) for t in template_texts]
+        tpls = [tokenize_template(t, tokenize, base.layout, word_tokens=vocab.max_tokens) for t in template_texts]
         schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
         return run_audit(
             base, adapted, vocab, tpls, schedule, audit_settings, runtime,
@@ -172,12 +170,14 @@ class DriftScopeAudit(io.ComfyNode):
     def execute(cls, base_model, base_clip, adapted_model, adapted_clip, vocabulary, custom_words, templates, preset,
                 mode, direction, objective, top_k, seed, width, height, scheduler, precision="auto", micro_batch=4,
                 gradient_checkpointing=False) -> io.NodeOutput:
-        report = audit_models(
-            base_model, base_clip, adapted_model, adapted_clip, vocabulary=vocabulary, custom_words=custom_words,
-            templates=templates, preset=preset, mode=mode, scheduler=scheduler, precision=precision,
-            micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, node_id=cls.hidden.unique_id,
-            direction=direction, objective=objective, top_k=top_k, seed=seed, width=width, height=height,
-        )
+        advice = errors.audit_advice(micro_batch, width, height, mode, gradient_checkpointing)
+        with errors.out_of_memory_advice("DriftScope Audit", advice):
+            report = audit_models(
+                base_model, base_clip, adapted_model, adapted_clip, vocabulary=vocabulary, custom_words=custom_words,
+                templates=templates, preset=preset, mode=mode, scheduler=scheduler, precision=precision,
+                micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, node_id=cls.hidden.unique_id,
+                direction=direction, objective=objective, top_k=top_k, seed=seed, width=width, height=height,
+            )
         table = report.table()
         flagged = sum(e.significant for e in report.entries)
         send_text(f"DriftScope: done in {sum(report.timings.values()):.0f}s, {flagged} flagged", cls.hidden.unique_id)

@@ -47,6 +47,6 @@ def audit_advice(micro_batch: int, width: int, height: int, mode: str, gradient_
 
 
 def grid_advice(top_n: int, width: int, height: int) -> str:
-    """What lowers the Evidence Grid's memory, with the current values (it samples one image at a time)."""
-    size = f"{width}x{height}" if width and height else "the audit's size"
-    return f"lower width/height (now {size}); top_n (now {top_n}) only changes how long it takes"
+    """What lowers the Evidence Grid's memory, with the current values (it samples one image at a
+    time, so top_n changes the time, not the memory)."""
+    return f"lower width/height (now {width}x{height}); top_n (now {top_n}) changes only how long it takes"

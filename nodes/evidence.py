@@ -13,7 +13,7 @@ import comfy.utils
 
 from ..driftscope_core.grid import GridRow, render_grid
 from ..driftscope_core.report import DriftReport
-from . import compat
+from . import compat, errors
 from .sockets import DriftReportType
 
 
@@ -102,7 +102,9 @@ class DriftScopeEvidenceGrid(io.ComfyNode):
                 sampler_name, scheduler, width, height) -> io.NodeOutput:
         if width % 8 or height % 8:
             raise ValueError(f"width/height {width}x{height}: use multiples of 8 (or 0 for the audit's size)")
-        grid, pairs = evidence_images(report, base_model, base_clip, adapted_model, adapted_clip, vae, top_n=top_n,
-                                      seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                                      width=width, height=height, node_id=cls.hidden.unique_id)
+        size = (width or report.settings["width"], height or report.settings["height"])
+        with errors.out_of_memory_advice("DriftScope Evidence Grid", errors.grid_advice(top_n, *size)):
+            grid, pairs = evidence_images(report, base_model, base_clip, adapted_model, adapted_clip, vae, top_n=top_n,
+                                          seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                          width=width, height=height, node_id=cls.hidden.unique_id)
         return io.NodeOutput(grid, pairs)

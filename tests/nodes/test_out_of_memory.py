@@ -64,3 +64,32 @@ def test_other_errors_and_the_cancel_pass_through_unchanged():
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         with errors.out_of_memory_advice("DriftScope Audit", "lower micro_batch"):
             raise comfy.model_management.InterruptProcessingException()
+
+
+def test_the_nodes_themselves_translate_out_of_memory(pack, demo_models, models, oom_after, monkeypatch):
+    """What a user sees: the Audit and Evidence Grid nodes' execute, not only the helper."""
+    from types import SimpleNamespace
+
+    import comfy.sample
+
+    nodes = pack.nodes
+    model, clip, adapted = models
+    for node in (nodes.audit.DriftScopeAudit, nodes.evidence.DriftScopeEvidenceGrid):
+        monkeypatch.setattr(node, "hidden", SimpleNamespace(unique_id=None), raising=False)
+    report = audit(pack, model, clip, adapted, top_k=2)
+    oom_after(1)
+    with torch.inference_mode(), pytest.raises(errors.DriftScopeOutOfMemory, match=r"micro_batch \(now 2\)"):
+        nodes.audit.DriftScopeAudit.execute(
+            model, clip, adapted, clip, vocabulary="custom", custom_words="\n".join(WORDS), templates=TEMPLATE,
+            preset="quick", mode="scan", direction="most", objective="attention", top_k=2, seed=0, width=32,
+            height=32, scheduler="normal", precision="auto", micro_batch=2, gradient_checkpointing=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(comfy.sample, "sample", out_of_memory)
+    vae = demo_models.tiny_vae(0)
+    with torch.inference_mode(), pytest.raises(errors.DriftScopeOutOfMemory, match=r"width/height \(now 32x32\)"):
+        nodes.evidence.DriftScopeEvidenceGrid.execute(
+            report, model, clip, adapted, clip, vae, top_n=1, seed=0, steps=2, cfg=7.5, sampler_name="euler",
+            scheduler="normal", width=0, height=0)
