@@ -5,7 +5,6 @@ One small audit (14 custom words, quick preset, 32 px, top_k 3) runs once on the
 server; the Save Report prompts after it reuse ComfyUI's cached audit, so each costs well under
 a second. About 1 minute in all on the 2-core CPU machine.
 """
-import copy
 import json
 import os
 import time
