@@ -229,16 +229,19 @@ class DriftMeter:
             emb, _ = st.builders[t_idx].embed(rows)
             cond_a = st.side.encode(emb[None], self.runtime)  # (1, T, D)
             leaf = cond_a.detach().requires_grad_(True)
+            leaf_grad = torch.zeros_like(leaf)  # (1, T, D)
             mb = self.runtime.micro_batch
             for i in range(0, n_seeds, mb):
                 sl = slice(i, i + mb)
                 n = noise[sl].shape[0]
                 traj = self._trajectory(st, noise[sl], leaf.expand(n, -1, -1), masks[sl])
                 d = drift_per_sample(base_traj.rows(sl), traj, self.sampling.objective)  # (n,)
-                (d.sum() * weight).backward()
+                # the gradient of the conditioning only: the model's weights may require grad
+                # (a model a training node made) and must not collect a .grad
+                leaf_grad += torch.autograd.grad(d.sum() * weight, leaf)[0]
                 drifts[sl] += d.detach().cpu()
                 if beat is not None:
                     beat()
-            cond_a.backward(leaf.grad)
+            cond_a.backward(leaf_grad)
             st.side.count_backward()
         return drifts / n_tpl

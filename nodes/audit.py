@@ -35,6 +35,7 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
     vocab = build_vocabulary(vocabulary, _reporting(tokenize, progress), bpe, custom_words, reserved_ids=reserved)
     template_texts = parse_templates(templates)
     runtime = host.runtime_for(precision, micro_batch, gradient_checkpointing)
+    host.check_memory(base_model, audit_settings.width, audit_settings.height, runtime)
     plan = check_cost(audit_settings, len(vocab), len(template_texts), host.same_text_encoder(base_clip, adapted_clip),
                       runtime, vocabulary)
     progress({"stage": "plan", "note": plan})
@@ -42,14 +43,17 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
         progress({"stage": "prepare", "note": "copying the text encoders"})
         base, adapted = host.model_sides(base_model, base_clip, adapted_model, adapted_clip, runtime,
                                          need_grad=audit_settings.mode == "paper")
-        tpls = [tokenize_template(t, tokenize, base.layout, word_tokens=vocab.max_tokens) for t in template_texts]
-        schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
-        return run_audit(
-            base, adapted, vocab, tpls, schedule, audit_settings, runtime,
-            latent_channels=base_model.model.latent_format.latent_channels,
-            models={"family": family, "base": host.identity(base_model, base_clip), "adapted": host.identity(adapted_model, adapted_clip)},
-            callback=progress,
-        )
+        try:
+            tpls = [tokenize_template(t, tokenize, base.layout, word_tokens=vocab.max_tokens) for t in template_texts]
+            schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
+            return run_audit(
+                base, adapted, vocab, tpls, schedule, audit_settings, runtime,
+                latent_channels=base_model.model.latent_format.latent_channels,
+                models={"family": family, "base": host.identity(base_model, base_clip), "adapted": host.identity(adapted_model, adapted_clip)},
+                callback=progress,
+            )
+        finally:  # finished, failed or cancelled
+            host.release(base, adapted)
 
 
 def _reporting(tokenize, progress, every: int = 1000):

@@ -2,6 +2,8 @@
 normal sampler at full quality, in a labeled grid with difference maps."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from comfy_api.latest import io
@@ -100,6 +102,8 @@ class DriftScopeEvidenceGrid(io.ComfyNode):
     @classmethod
     def execute(cls, report, base_model, base_clip, adapted_model, adapted_clip, vae, top_n, seed, steps, cfg,
                 sampler_name, scheduler, width, height) -> io.NodeOutput:
+        if not math.isfinite(cfg):
+            raise ValueError(f"cfg {cfg}: give a finite guidance scale (e.g. 7.5)")
         if width % 8 or height % 8:
             raise ValueError(f"width/height {width}x{height}: use multiples of 8 (or 0 for the audit's size)")
         size = (width or report.settings["width"], height or report.settings["height"])

@@ -74,6 +74,18 @@ def _same(weight):
     return weight
 
 
+def release(*sides: ModelSide) -> None:
+    """Take the gradient clones' identity wrappers off the torch modules they share with the input
+    models (ComfyUI installs a patcher's weight wrappers on the modules when it loads it, and
+    they stay there until it loads another patcher). ComfyUI's own entries stay."""
+    for side in sides:
+        for module in side.denoiser.patcher.model.modules():
+            for attr in ("weight_function", "bias_function"):
+                functions = getattr(module, attr, None)
+                if functions:
+                    setattr(module, attr, [f for f in functions if f is not _same])
+
+
 class ComfyDenoiser:
     """The core's denoiser protocol on a ComfyUI MODEL: x0 from BaseModel.apply_model, with the
     attention probe installed as an attn2 replacement on every cross-attention layer."""
@@ -94,6 +106,33 @@ class ComfyDenoiser:
             patches["attn2"] = {**patches.get("attn2", {}), **{key: replace for key in self.attn2_keys}}
             options["patches_replace"] = patches
         return self.patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+
+def check_memory(model, width: int, height: int, runtime: Runtime) -> None:
+    """Refuse, before anything runs, an audit whose single model call cannot fit in half the memory
+    the device has free (issue 12: a 4096 px audit on a CPU drew the kernel's OOM killer before a
+    cancel could act). The estimate is a floor: a guided call's batch (2 x micro_batch latents)
+    through the first convolution (input, output and residual at the model's channel width) plus
+    the probe's attention probabilities at the highest resolution, in float32."""
+    unet = model.model.diffusion_model
+    channels = model.model.model_config.unet_config.get("model_channels", 320)
+    heads = max((m.heads for m in unet.modules() if isinstance(getattr(m, "heads", None), int)), default=8)
+    positions = (width // 8) * (height // 8)
+
+    def floor_bytes(micro_batch: int) -> int:
+        latents = 2 * micro_batch
+        return 4 * latents * positions * (3 * channels + heads * 77)
+
+    free = comfy.model_management.get_free_memory(runtime.device)
+    budget = free / 2  # the other half for what the floor leaves out (the rest of the UNet, the second model)
+    need = floor_bytes(runtime.micro_batch)
+    if need <= budget:
+        return
+    fits = next((mb for mb in range(runtime.micro_batch - 1, 0, -1) if floor_bytes(mb) <= budget), 0)
+    fix = f"lower micro_batch to {fits} or less" if fits else "lower width/height"
+    raise InputError(f"width/height {width}x{height} with micro_batch {runtime.micro_batch}: one model call needs at "
+                     f"least {need / 2**30:.1f} GB, and an audit may take half of the {free / 2**30:.1f} GB free on "
+                     f"{runtime.device}; {fix} (the paper audits SD1.x at 512x512).")
 
 
 def schedule_of(model, scheduler: str, steps: int) -> Schedule:

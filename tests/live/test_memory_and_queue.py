@@ -201,13 +201,6 @@ class Watchdog(threading.Thread):
             time.sleep(0.02)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a 4096x4096 audit is not refused up front: on the CPU its resident memory passes 4 GB "
-    "within seconds (without a limit the server asked for a 20 GiB block in a UNet "
-    "convolution and drew the kernel's OOM killer before a cancel could act; under a 10 GB "
-    "address-space limit it ended in torch's 'DefaultCPUAllocator: can't allocate memory', "
-    "which names no input). The audit should refuse it up front, naming width/height, "
-    "micro_batch and the memory it would need (nodes/audit.py or driftscope_core/settings.py)"))
 def test_the_largest_audit_size_is_refused_or_cancelled_and_the_server_stays_healthy(
         server, demo_script, comfy_server_module):
     """width/height 4096 on the CPU: a clear error naming width/height within 60 s, or a cancel

@@ -120,15 +120,7 @@ def test_an_audit_leaves_nothing_on_the_models_or_in_comfyui(pack, models, mode)
     assert_same(outputs_before[1], fingerprint(adapted, clip))
 
 
-@pytest.mark.parametrize("mode", [
-    "screen",
-    pytest.param("paper", marks=pytest.mark.xfail(strict=True, reason=(
-        "paper mode's backward pass accumulates .grad into every input weight that requires grad "
-        "(the tiny models' weights do on ComfyUI 0.3.75, as would weights a training node made): "
-        "the soft-prompt search should take gradients of the soft prompt only, e.g. "
-        "torch.autograd.grad(loss, [soft_prompt]) instead of loss.backward(), or keep the "
-        "gradient clone's weights out of autograd's leaves"))),
-])
+@pytest.mark.parametrize("mode", ["screen", "paper"])
 def test_no_gradient_lands_on_input_weights_that_require_grad(pack, demo_models, mode):
     model, clip, _ = demo_models.tiny_sd15(1)
     adapted = demo_models.planted_edit_in_process(model, clip, PLANTED, WORDS, TEMPLATE)
@@ -140,14 +132,7 @@ def test_no_gradient_lands_on_input_weights_that_require_grad(pack, demo_models,
     assert with_grad == [], f"{len(with_grad)} input weights hold a .grad, e.g. {with_grad[:2]}"
 
 
-@pytest.mark.parametrize("mode", [
-    "screen",
-    pytest.param("paper", marks=pytest.mark.xfail(strict=True, reason=(
-        "paper mode's gradient clone (nodes/host.py grad_ready_clone) leaves its identity weight "
-        "wrappers (host._same) in weight_function/bias_function of the torch modules it shares "
-        "with the input models until ComfyUI loads a model again; the pack should remove them "
-        "when the audit ends (finished, failed or cancelled)"))),
-])
+@pytest.mark.parametrize("mode", ["screen", "paper"])
 def test_no_weight_wrapper_stays_on_the_input_models_torch_modules(pack, models, mode):
     model, clip, adapted = models
     comfy.model_management.load_models_gpu([model])

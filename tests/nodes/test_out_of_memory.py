@@ -93,3 +93,18 @@ def test_the_nodes_themselves_translate_out_of_memory(pack, demo_models, models,
         nodes.evidence.DriftScopeEvidenceGrid.execute(
             report, model, clip, adapted, clip, vae, top_n=1, seed=0, steps=2, cfg=7.5, sampler_name="euler",
             scheduler="normal", width=0, height=0)
+
+
+def test_an_audit_too_large_for_the_free_memory_is_refused_before_it_starts(pack, models, monkeypatch):
+    """A floor estimate of one model call against half the free memory (the 4096 px audit on a
+    CPU drew the kernel's OOM killer before a cancel could act): refused naming width/height and
+    micro_batch with a micro_batch that fits, before any model runs."""
+    model, clip, adapted = models
+    calls = []
+    monkeypatch.setattr(host.ComfyDenoiser, "__call__", lambda self, *a: calls.append(1))
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 100 * 2**20)  # 100 MB free (a tiny model)
+    with pytest.raises(host.InputError, match=r"width/height 512x512 with micro_batch 32.*micro_batch to \d+ or less"):
+        audit(pack, model, clip, adapted, width=512, height=512, micro_batch=32)
+    with pytest.raises(host.InputError, match=r"width/height 4096x4096 .*lower width/height"):
+        audit(pack, model, clip, adapted, width=4096, height=4096, micro_batch=1)
+    assert calls == [], "the models ran before the refusal"
