@@ -27,7 +27,7 @@ PROMPTS = ["a photo of a tiger", "a photo of a bicycle on a bridge"]
 def dynamic_patcher_class():
     """ModelPatcherDynamic, constructible with a CPU load device."""
     if not HAS_DYNAMIC:
-        pytest.skip("this ComfyUI has no Dynamic VRAM (ModelPatcherDynamic came with 0.16)")
+        pytest.skip("this ComfyUI has no Dynamic VRAM (no ModelPatcherDynamic; 0.33 has it)")
     import comfy_aimdo.control
     import comfy_aimdo.host_buffer
 
