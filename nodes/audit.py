@@ -35,6 +35,7 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
     vocab = build_vocabulary(vocabulary, _reporting(tokenize, progress), bpe, custom_words, reserved_ids=reserved)
     template_texts = parse_templates(templates)
     runtime = host.runtime_for(precision, micro_batch, gradient_checkpointing)
+    host.check_cpu_resolution(audit_settings.width, audit_settings.height, runtime)
     host.check_memory(base_model, audit_settings.width, audit_settings.height, runtime)
     plan = check_cost(audit_settings, len(vocab), len(template_texts), host.same_text_encoder(base_clip, adapted_clip),
                       runtime, vocabulary)
@@ -152,8 +153,10 @@ class DriftScopeAudit(io.ComfyNode):
                 io.Int.Input("top_k", default=10, min=1, max=200, tooltip="How many words to report."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the noise and the search; the same seed gives the same report."),
-                io.Int.Input("width", default=512, min=8, max=4096, step=8, tooltip="Image width the audit simulates (a multiple of 8)."),
-                io.Int.Input("height", default=512, min=8, max=4096, step=8, tooltip="Image height the audit simulates (a multiple of 8)."),
+                io.Int.Input("width", default=512, min=8, max=4096, step=8, tooltip="Image width the audit simulates (a multiple of 8). On a CPU at most 1024x1024 pixels in all; "
+                                     "anything that cannot fit in memory is refused before the audit starts."),
+                io.Int.Input("height", default=512, min=8, max=4096, step=8, tooltip="Image height the audit simulates (a multiple of 8). On a CPU at most 1024x1024 pixels in all; "
+                                     "anything that cannot fit in memory is refused before the audit starts."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal",
                                tooltip="Sigma schedule of the truncated denoising."),
                 io.Combo.Input("precision", options=["auto", "fp32", "bf16", "fp16"], default="auto", optional=True,

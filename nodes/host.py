@@ -135,6 +135,20 @@ def check_memory(model, width: int, height: int, runtime: Runtime) -> None:
                      f"{runtime.device}; {fix} (the paper audits SD1.x at 512x512).")
 
 
+CPU_MAX_PIXELS = 1024 * 1024  # past this a CPU needs minutes for one full-resolution attention
+
+
+def check_cpu_resolution(width: int, height: int, runtime: Runtime) -> None:
+    """Refuse, on a CPU, an audit whose full-resolution self-attention cannot be cancelled within
+    seconds: a cancel acts between ComfyUI's operations, and one attention over the latent's
+    positions grows with their square (measured on this project's CPU, 2 latents x 8 heads:
+    0.6 s at 512x512, 10 s at 1024x1024, so about 45 minutes at 4096x4096)."""
+    if runtime.device.type == "cpu" and width * height > CPU_MAX_PIXELS:
+        raise InputError(f"width/height {width}x{height}: on a CPU an audit takes at most {CPU_MAX_PIXELS:,} pixels "
+                         "(e.g. 1024x1024; one attention step past that takes minutes and cannot be cancelled "
+                         "while it runs). Lower width/height, or run ComfyUI on a GPU.")
+
+
 def schedule_of(model, scheduler: str, steps: int) -> Schedule:
     """The model's own sigma schedule and its initial noise scale (maximum denoise)."""
     ms = model.get_model_object("model_sampling")

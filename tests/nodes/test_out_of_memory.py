@@ -106,5 +106,19 @@ def test_an_audit_too_large_for_the_free_memory_is_refused_before_it_starts(pack
     with pytest.raises(host.InputError, match=r"width/height 512x512 with micro_batch 32.*micro_batch to \d+ or less"):
         audit(pack, model, clip, adapted, width=512, height=512, micro_batch=32)
     with pytest.raises(host.InputError, match=r"width/height 4096x4096 .*lower width/height"):
-        audit(pack, model, clip, adapted, width=4096, height=4096, micro_batch=1)
+        host.check_memory(model, 4096, 4096, pack.driftscope_core.models.Runtime(micro_batch=1))
     assert calls == [], "the models ran before the refusal"
+
+
+def test_a_cpu_audit_past_1024x1024_is_refused_before_it_starts(pack, models, monkeypatch):
+    """One full-resolution attention grows with the square of the latent's positions and cannot
+    be cancelled while it runs: 10 s at 1024x1024 on this CPU, about 45 minutes at 4096x4096."""
+    model, clip, adapted = models
+    calls = []
+    monkeypatch.setattr(host.ComfyDenoiser, "__call__", lambda self, *a: calls.append(1))
+    for width, height in ((2048, 1024), (4096, 4096)):
+        with pytest.raises(host.InputError, match=rf"width/height {width}x{height}: on a CPU.*GPU"):
+            audit(pack, model, clip, adapted, width=width, height=height, micro_batch=1)
+    assert calls == [], "the models ran before the refusal"
+    cpu = pack.driftscope_core.models.Runtime()
+    host.check_cpu_resolution(1024, 1024, cpu)  # the largest CPU audit passes
