@@ -7,6 +7,7 @@ a second. About 1 minute in all on the 2-core CPU machine.
 """
 import json
 import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -58,14 +59,14 @@ def stray_files(server, tops_before: set[Path]) -> list[Path]:
     the base directory's parent (this session's temporary folders, the output folder aside), a
     new entry at the top of the base directory or its parent (where "../" and "../../" lead),
     and anything named with TOKEN further up (folders other sessions share), in ComfyUI's folder
-    (the server's working directory), its output folder and /tmp."""
+    (the server's working directory), its output folder and the system's temporary folder."""
     out = server.output_directory.resolve()
     base = server.base_directory.resolve()
     stray = [p for p in files_under(base.parent, skip={out, base / "models", base / "custom_nodes"})
              if TOKEN in str(p.relative_to(base.parent))]
     stray += sorted(top_entries(server) - tops_before)
     for folder in (base.parent.parent, base.parent.parent.parent, server.comfy_dir, server.comfy_dir / "output",
-                   Path("/tmp")):
+                   SYSTEM_TEMP):
         if folder.is_dir():
             stray += [p for p in folder.iterdir() if TOKEN in p.name]
     return stray
@@ -80,9 +81,12 @@ def audited(demo_server, demo_script):
     return entry
 
 
-# "x" at the end becomes TOKEN (and "/tmp/x" a name with TOKEN), so a stray file can be found
+# "x" at the end becomes TOKEN (and an absolute path into the temporary folder a name with
+# TOKEN), so a stray file can be found
+SYSTEM_TEMP = Path(tempfile.gettempdir())
+ABSOLUTE = str(SYSTEM_TEMP / "x")
 HOSTILE_PREFIXES = [
-    "../x", "../../x", "../../../x", "sub/../../x", "..\\x", "sub\\..\\..\\x", "..", "../", "/tmp/x", "//tmp/x",
+    "../x", "../../x", "../../../x", "sub/../../x", "..\\x", "sub\\..\\..\\x", "..", "../", ABSOLUTE, "/" + ABSOLUTE,
     "C:\\x", "", "   ", "x" * 300, "a/" * 600 + "x", "nul\x00x", "bell\x07x", "rtl\u202ex",
 ]
 
