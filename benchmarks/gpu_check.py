@@ -319,16 +319,6 @@ def build_checkpoint(env, sizes: Sizes, vocabulary: list[str]) -> tuple[dict, di
     return sd, te_options, deltas, facts
 
 
-def plant(model, deltas: dict):
-    """A clone of the loaded MODEL carrying the planted edit, in the patch form
-    demo_models.planted_edit_in_process gives it ("diff" weight patches)."""
-    adapted = model.clone()
-    added = adapted.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0)
-    if len(added) != len(deltas):
-        raise RuntimeError(f"the loaded model took {len(added)} of {len(deltas)} planted weight patches")
-    return adapted
-
-
 def load_checkpoint(sd: dict, te_options: dict):
     """ComfyUI's checkpoint loader on the in-memory state dict (the loader pops keys: a copy)."""
     import comfy.sd
@@ -546,7 +536,7 @@ def run_group(env, sizes, dyn, configs, sd, te_options, deltas, device, t0, max_
     with dynamic_vram(dyn):
         t = time.perf_counter()
         base, clip = load_checkpoint(sd, te_options)
-        adapted = plant(base, deltas)
+        adapted = env.demo_models.clone_with_deltas(base, deltas)  # the planted edit, as diff patches
         group.update(load_s=round(time.perf_counter() - t, 2),
                      patchers={"model": type(base).__name__, "clip": type(clip.patcher).__name__})
         if dyn and not (base.is_dynamic() and clip.patcher.is_dynamic()):

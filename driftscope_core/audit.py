@@ -40,15 +40,23 @@ class PlannedCost:
     def of(self, side: str, kind: str) -> int:
         return sum(stage[side][kind] for stage in self.by_stage.values())
 
+    def forward(self, side: str) -> int:
+        """Forward evaluations of one side, text and UNet."""
+        return self.of(side, "text_forward") + self.of(side, "unet_forward")
+
+    @property
+    def busier_side(self) -> str:
+        return max(("base", "adapted"), key=self.forward)
+
     @property
     def per_model(self) -> int:
         """Forward evaluations of the busier side: what MAX_EVALUATIONS bounds."""
-        return max(self.of(s, "text_forward") + self.of(s, "unet_forward") for s in ("base", "adapted"))
+        return self.forward(self.busier_side)
 
     @property
     def total(self) -> int:
         """Forward evaluations of both sides: what progress counts."""
-        return sum(self.of(s, "text_forward") + self.of(s, "unet_forward") for s in ("base", "adapted"))
+        return self.forward("base") + self.forward("adapted")
 
 
 def planned_cost(settings: AuditSettings, words: int, templates: int, shared_text: bool,
@@ -97,6 +105,20 @@ def planned_cost(settings: AuditSettings, words: int, templates: int, shared_tex
     return PlannedCost({"prepare": prepare, "search": search, "rescore": rescore, "calibrate": calibrate})
 
 
+def words_that_fit(settings: AuditSettings, templates: int, shared_text: bool, gradient_checkpointing: bool,
+                   most: int, limit: int = MAX_EVALUATIONS) -> int:
+    """The longest list, up to `most` words (0 if none), whose planned cost stays within `limit`
+    per model, by bisection (the cost grows with the list)."""
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if planned_cost(settings, mid, templates, shared_text, gradient_checkpointing).per_model <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class _Stages:
     """Turns per-stage (done, total) into one overall fraction for a callback(dict), and
     records each stage's evaluations per model side. Every event carries `evaluations`, the
@@ -127,7 +149,7 @@ class _Stages:
         def report(done: int, total: int, note: str = "") -> None:
             if self.callback is not None:
                 overall = start + weight * (done / max(total, 1))
-                spent = sum(s.counts.text_forward + s.counts.unet_forward for s in self.sides)
+                spent = sum(s.counts.forward for s in self.sides)
                 self.callback({"stage": name, "done": done, "total": total, "overall": overall, "note": note,
                                "evaluations": spent, "planned": self.planned})
 

@@ -69,7 +69,7 @@ class _Pulse:
         self.start = self._spent()
 
     def _spent(self) -> int:
-        return sum(s.counts.text_forward + s.counts.unet_forward for s in self.sides)
+        return sum(s.counts.forward for s in self.sides)
 
     def beat(self, what: str, words_done: int, t_idx: int = 0) -> None:
         if self.progress is None:
@@ -77,6 +77,16 @@ class _Pulse:
         done = min(self._spent() - self.start, self.total)
         where = f" (template {t_idx + 1}/{self.templates})" if self.templates > 1 else ""
         self.progress(done, self.total, f"{what} {words_done:,}/{self.words:,} words{where}")
+
+
+def _in_chunks(n: int, size: int, run: Callable[[slice], object], beat: Beat | None) -> list:
+    """`run` on consecutive slices of at most `size` of n rows; `beat(rows done)` after each."""
+    parts = []
+    for i in range(0, n, size):
+        parts.append(run(slice(i, i + size)))
+        if beat is not None:
+            beat(min(i + size, n))
+    return parts
 
 
 class DriftMeter:
@@ -112,24 +122,18 @@ class DriftMeter:
 
     def _trajectories(self, st: _SideState, noise, cond, mask, beat: Beat | None = None) -> Trajectory:
         """Trajectories for many latents, micro-batched; `beat(latents done)` after each call."""
-        mb = self.runtime.micro_batch
-        parts = []
-        for i in range(0, noise.shape[0], mb):
-            parts.append(self._trajectory(st, noise[i : i + mb], cond[i : i + mb], mask[i : i + mb]))
-            if beat is not None:
-                beat(i + parts[-1].latent.shape[0])
-        return Trajectory.cat(parts)
+        def run(sl: slice) -> Trajectory:
+            return self._trajectory(st, noise[sl], cond[sl], mask[sl])
+
+        return Trajectory.cat(_in_chunks(noise.shape[0], self.runtime.micro_batch, run, beat))
 
     def _encode_chunked(self, side: ModelSide, embeds: torch.Tensor, beat: Beat | None = None) -> torch.Tensor:
         """Conditioning (m, T, D) of input embeddings (m, T, D), `runtime.text_batch` prompts per
         encoder call; `beat(prompts done)` after each call."""
-        step = self.runtime.text_batch
-        parts = []
-        for i in range(0, embeds.shape[0], step):
-            parts.append(side.encode(embeds[i : i + step], self.runtime))
-            if beat is not None:
-                beat(i + parts[-1].shape[0])
-        return torch.cat(parts)
+        def run(sl: slice) -> torch.Tensor:
+            return side.encode(embeds[sl], self.runtime)  # (m', T, D)
+
+        return torch.cat(_in_chunks(embeds.shape[0], self.runtime.text_batch, run, beat))
 
     def _word_prompts(self, st: _SideState, t_idx: int, indices: list[int], beat: Beat | None = None):
         """Conditioning (n, T, D) and slot masks (n, T) for candidate words, exact ids; words

@@ -37,6 +37,11 @@ class EvaluationCounts:
     text_forward: int = 0
     text_backward: int = 0
 
+    @property
+    def forward(self) -> int:
+        """Forward evaluations of both kinds, what progress and the cost limit count."""
+        return self.text_forward + self.unet_forward
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 

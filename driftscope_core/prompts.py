@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .vocabulary import HIDDEN_CHARS, quoted, visible
+from .text import HIDDEN_CHARS, quoted, visible
 
 SLOT = "{}"
 # 77 CLIP tokens hold at most about 2,200 characters of words (the longest BPE piece is 28

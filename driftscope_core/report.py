@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from .vocabulary import visible
+from .text import visible
 
 REPORT_VERSION = 2  # 2: calibrated scores on log drift, baseline log_scale
 CSV_COLUMNS = ("rank", "token", "token_ids", "drift", "spread", "calibrated", "percentile", "significant", "direction", "search_drift")
@@ -23,7 +23,7 @@ def csv_text(cell: str) -> str:
     tab, a carriage return or NUL, or whose first character past leading whitespace and control
     characters is =, +, - or @, gets a leading single quote. Then every control character (C0,
     DEL, C1: NUL, ESC, tab, newline, ...), line separator and bidirectional formatting character
-    (U+202E ...) is written as an escape such as \\x00 (vocabulary.visible), so none reaches the
+    (U+202E ...) is written as an escape such as \\x00 (text.visible), so none reaches the
     file raw. Numbers are not text cells: the pack's own -1.5 stays a number."""
     rest = cell[_LEADING_BLANKS.match(cell).end():]
     if cell.startswith(LEADING_CONTROLS) or rest.startswith(FORMULA_STARTS):
@@ -87,7 +87,7 @@ class DriftReport:
 
     def table(self) -> str:
         """The ranked table as plain text, for the node and the terminal. Control and
-        bidirectional formatting characters in the text are shown escaped (vocabulary.visible),
+        bidirectional formatting characters in the text are shown escaped (text.visible),
         so a token cannot garble the terminal or reorder the line."""
         head = "most drifted" if self.settings.get("direction") == "most" else "least drifted"
         lines = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, fields, replace
 
-from .vocabulary import quoted
+from .text import quoted
 
 MODES = ("screen", "scan", "paper")
 DIRECTIONS = ("most", "least")

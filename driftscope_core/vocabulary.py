@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from .concepts import BUILTIN_LISTS, load_concept_list, load_stopwords
+from .text import HIDDEN_CHARS, quoted
 
 WORD_END = "</w>"  # CLIP BPE marks the last piece of a word with this suffix
 _ALPHA = re.compile(r"^[a-z]+$")
@@ -21,35 +22,6 @@ _ALPHA = re.compile(r"^[a-z]+$")
 MAX_WORDS = 50_000  # distinct words
 MAX_WORD_CHARS = 256  # characters of one word, after whitespace is collapsed
 MESSAGE_EXAMPLES = 10  # words quoted in one error message
-
-
-# -- user text: what may not be shown raw, and how messages quote it ------------------------------
-# Control characters (C0, DEL, C1), line and paragraph separators, and the bidirectional
-# formatting characters (U+202E RIGHT-TO-LEFT OVERRIDE and its kin, which reorder what a
-# terminal or a cell shows while staying invisible). Emoji and other printable text are fine.
-HIDDEN_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-QUOTE_LIMIT = 60  # characters of user text quoted in an error message
-
-
-def _escape(match: re.Match) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def visible(text: str) -> str:
-    """`text` with every hidden character (HIDDEN_CHARS) written as an escape such as \\x00,
-    \\x1b or \\u202e; everything else unchanged. For tables, CSV cells and messages."""
-    return HIDDEN_CHARS.sub(_escape, text)
-
-
-def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
-    """User text for an error message: in quotes, hidden characters escaped, and past `limit`
-    characters cut with an ellipsis and the full length noted, so a message stays short."""
-    text = str(text)
-    head = visible(text[:limit])
-    if len(text) <= limit and len(head) <= limit:
-        return f"'{head}'"
-    return f"'{head[:limit]}…' ({len(text):,} characters)"
 
 
 def _examples(texts: list[str], total: int) -> str:

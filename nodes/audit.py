@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 import comfy.samplers
 
-from ..driftscope_core.audit import MAX_EVALUATIONS, planned_cost, run_audit
+from ..driftscope_core.audit import MAX_EVALUATIONS, planned_cost, run_audit, words_that_fit
 from ..driftscope_core.models import Runtime
 from ..driftscope_core.objective import OBJECTIVES
 from ..driftscope_core.prompts import parse_templates, tokenize_template
@@ -77,14 +77,14 @@ def check_cost(settings: AuditSettings, words: int, templates: int, shared_text:
     than MAX_EVALUATIONS model evaluations per model, with what would fit instead."""
     gradient_checkpointing = runtime.gradient_checkpointing
     cost = planned_cost(settings, words, templates, shared_text, gradient_checkpointing)
-    side = max(("base", "adapted"), key=lambda s: cost.of(s, "text_forward") + cost.of(s, "unet_forward"))
+    side = cost.busier_side
     plan = (f"{words:,} words x {templates} template{'s' * (templates > 1)}, {settings.mode} mode: at most "
             f"{cost.per_model:,} model evaluations per model ({cost.of(side, 'text_forward'):,} text-encoder passes, "
             f"{cost.of(side, 'unet_forward'):,} UNet evaluations)")
     if cost.per_model <= MAX_EVALUATIONS:
         return plan
     where = "custom_words" if vocabulary == "custom" else f"vocabulary '{vocabulary}'"
-    fits = _words_that_fit(settings, templates, shared_text, gradient_checkpointing)
+    fits = words_that_fit(settings, templates, shared_text, gradient_checkpointing, most=MAX_WORDS)
     remedies = [f"a shorter list (at most {fits:,} words fit {settings.mode} mode with these settings)" if fits
                 else "a smaller preset"]
     if settings.mode != "screen":
@@ -98,18 +98,6 @@ def check_cost(settings: AuditSettings, words: int, templates: int, shared_text:
               "for it." if runtime.device.type == "cpu" else "")
     raise host.InputError(f"{where}: {plan}, more than the {MAX_EVALUATIONS:,} an audit takes. "
                           f"Use {', or '.join(remedies)}.{on_cpu}")
-
-
-def _words_that_fit(settings: AuditSettings, templates: int, shared_text: bool, gradient_checkpointing: bool) -> int:
-    """The longest list (0 if none) whose audit stays within MAX_EVALUATIONS, by bisection."""
-    lo, hi = 0, MAX_WORDS
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if planned_cost(settings, mid, templates, shared_text, gradient_checkpointing).per_model <= MAX_EVALUATIONS:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 class DriftScopeAudit(io.ComfyNode):

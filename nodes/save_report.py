@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 import folder_paths
 
 from ..driftscope_core.report import DriftReport
-from ..driftscope_core.vocabulary import HIDDEN_CHARS, quoted
+from ..driftscope_core.text import HIDDEN_CHARS, quoted
 from . import compat
 from .sockets import DriftReportType
 

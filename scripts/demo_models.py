@@ -534,11 +534,18 @@ def planted_edit_in_process(model_patcher, clip, planted=PLANTED, vocabulary=Non
     """
     deltas, stats = planted_edit_deltas(model_patcher, clip, planted, vocabulary, template,
                                         strength, lam, seed, eps, heldout, pad_prompts)
+    patched = clone_with_deltas(model_patcher, deltas)
+    patched.driftscope_planted_stats = stats
+    return patched
+
+
+def clone_with_deltas(model_patcher, deltas: dict[str, torch.Tensor]):
+    """A clone of `model_patcher` with weight deltas (state-dict key -> delta) as ComfyUI "diff"
+    patches; every delta must be accepted."""
     patched = model_patcher.clone()
     added = patched.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0)
     if len(added) != len(deltas):
         raise RuntimeError(f"only {len(added)} of {len(deltas)} patches were accepted")
-    patched.driftscope_planted_stats = stats
     return patched
 
 

@@ -19,3 +19,13 @@ def bench_env():
             raise
         pytest.skip("ComfyUI is not set up (run scripts/setup.sh)")
     return environment.load(threads=None)  # keep the session's thread count
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module's runs (benchmarks/cases.py one_thread): steady timings,
+    and training weights that do not depend on the thread count."""
+    import cases
+
+    with cases.one_thread():
+        yield

@@ -15,19 +15,9 @@ RECALL_FLOOR = 0.9
 
 
 @pytest.fixture(scope="module")
-def quick(bench_env, tmp_path_factory, one_thread_module):
+def quick(bench_env, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("bench")
     return run.run_benchmark(bench_env, run.VARIANTS["quick"], modes=["default"], out_dir=out), out
-
-
-@pytest.fixture(scope="module")
-def one_thread_module():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_default_mode_recovers_the_truth_top_10_of_a_planted_case(bench_env, quick):

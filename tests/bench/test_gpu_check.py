@@ -18,16 +18,6 @@ EXPECTED = {f"dynamic-{d}/screen/{p}" for d in ("off", "on") for p in ("fp32", "
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def smoke(bench_env, one_thread, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "summary.json"
     rc = gpu_check.main(["--cpu-smoke", "--json", str(out)], env=bench_env)
@@ -137,7 +127,7 @@ def test_failures_and_wrong_answers_fail_the_check(bench_env, one_thread, monkey
 def test_without_the_edit_the_check_fails(bench_env, one_thread, monkeypatch, tmp_path):
     """Base and "adapted" identical: every drift is equal, the list's order decides the ranking,
     and the check must not call that a found edit (screen fp32 only, a few seconds)."""
-    monkeypatch.setattr(gpu_check, "plant", lambda model, deltas: model.clone())
+    monkeypatch.setattr(bench_env.demo_models, "clone_with_deltas", lambda model, deltas: model.clone())
     monkeypatch.setattr(gpu_check, "configurations", lambda groups, precision: [gpu_check.Config(False, "screen", "fp32", False)])
     rc = gpu_check.main(["--cpu-smoke", "--dynamic", "off", "--json", str(tmp_path / "s.json")], env=bench_env)
     summary = json.loads((tmp_path / "s.json").read_text())
