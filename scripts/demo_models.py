@@ -1,12 +1,14 @@
 """Deterministic stand-in models for DriftScope's tests and demo (no downloaded weights).
 
 Everything here is built from ComfyUI's own classes and initialized from a seed, so the
-objects behave like real SD1.x / SD2.x models to every ComfyUI code path, only smaller and
+objects behave like real SD1.x / SD2.x / SDXL models to every ComfyUI code path, only smaller and
 with random weights.
 
 A. In-process tiny components for fast tests (fp32, a few seconds to build):
      tiny_sd15(seed) -> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE)   SD1.x, eps-prediction
      tiny_sd2(seed)  -> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE)   SD2.x, v-prediction
+     tiny_sdxl(seed, prediction="eps"|"v") -> the same for SDXL (comfy.model_base.SDXL, clip_l +
+                                                clip_g), eps or v-prediction
 
 B. File-based demo models that ComfyUI's stock loaders accept, written under a models folder:
      checkpoints/driftscope_demo_base.safetensors     smallest SD1.5-detectable UNet,
@@ -29,7 +31,11 @@ comfy.cli_args.args.cpu = True before comfy.model_management is first imported.
 Other entry points: planted_edit_deltas (the edit as weight deltas plus statistics),
 lora_state_dict (an exact kohya LoRA of such deltas), verify_demo_models (load the files back
 with ComfyUI's loaders and check them), token_ids / slot_layout / encode_prefixes (text-encoder
-outputs at chosen token positions), load_vocabulary.
+outputs at chosen token positions), encode_conditioning (ComfyUI's cond of whole prompts; the
+planted edit's vectors for SDXL), load_vocabulary.  SDXL files as people share them:
+sdxl_kohya_lora_state_dict (kohya LoRA, UNet + lora_te1_/lora_te2_), lokr_state_dict (LyCORIS
+LoKr on the cross-attention), write_sdxl_loras (both as safetensors); sdxl_adapted_clip (a CLIP
+that differs from the base's).
 
 CLI:  python scripts/demo_models.py --comfy PATH/TO/ComfyUI --out PATH/TO/models
           [--force] [--verify | --no-verify]
@@ -42,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -215,13 +222,17 @@ def _model_patcher(base_model):
                                             offload_device=mm.unet_offload_device())
 
 
-def _make_unet(config_cls, cfg: dict, seed: int, model_type=None, extra_config: dict | None = None):
+def _make_unet(config_cls, cfg: dict, seed: int, model_type=None, extra_config: dict | None = None,
+               *, checkpoint_markers: dict | None = None):
+    """A ModelPatcher around `config_cls`'s model with seeded weights.  `checkpoint_markers` are
+    state-dict entries the config's model_type() reads, as a real checkpoint holds them (SDXL's
+    "v_pred" key selects v-prediction the way a NoobAI v-pred checkpoint does)."""
     import comfy.model_base
     model_config = config_cls(cfg)
     model_config.unet_config.update(extra_config or {})
     model_config.set_inference_dtype(torch.float32, None)
     if model_type is None:
-        base = model_config.get_model({})
+        base = model_config.get_model(dict(checkpoint_markers or {}))
     else:  # the config's own model_type() guesses from real checkpoint statistics
         base = comfy.model_base.BaseModel(model_config, model_type=model_type)
     init_parameters_(base.diffusion_model, _generator(seed, 1))
@@ -229,11 +240,18 @@ def _make_unet(config_cls, cfg: dict, seed: int, model_type=None, extra_config: 
 
 
 def _make_clip(tokenizer_cls, clip_cls, clip_name: str, config: dict, seed: int, dtype):
+    return _make_text_encoders(tokenizer_cls, clip_cls, {clip_name: config}, seed, dtype)
+
+
+def _make_text_encoders(tokenizer_cls, clip_cls, configs: dict[str, dict], seed: int, dtype):
+    """A comfy.sd.CLIP of `clip_cls` with every encoder's config given by its name ("l", "g",
+    "h"), weights seeded in module order."""
     import comfy.sd
     import comfy.supported_models_base
     target = comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls)
+    options = {f"clip_{name}_model_config": dict(config) for name, config in configs.items()}
     # comfy.sd.CLIP picks fp16 for text encoders on CPU unless told otherwise.
-    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, f"clip_{clip_name}_model_config": dict(config)})
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, **options})
     init_parameters_(clip.cond_stage_model, _generator(seed, 2), gain=CLIP_LAYER_GAIN,
                      embedding_std={"token_embedding.weight": CLIP_TOKEN_STD,
                                     "position_embedding.weight": CLIP_POSITION_STD},
@@ -296,6 +314,56 @@ def tiny_sd2(seed: int = 0, text_width: int = 64):
 
 
 # --------------------------------------------------------------------------------------------
+# A'. in-process SDXL
+
+# SDXL reads both encoders at the penultimate layer (ComfyUI needs more than 2 layers); the two
+# widths add up to the UNet's context_dim, clip_g's projection is the pooled vector in `y`.
+TINY_SDXL_TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                         "num_hidden_layers": 3, "projection_dim": 64}
+SDXL_SIZE_EMBEDDINGS = 6 * 256  # model_base.SDXL.encode_adm: 6 size/crop values x Timestep(256)
+
+
+def sdxl_unet_config(model_channels: int = 32, context_dim: int = 128, pooled_dim: int = 64) -> dict:
+    """A tiny SDXL-style UNet config (detect_unet_config's form): three levels with two res blocks
+    each, cross-attention only at the two lower resolutions (input blocks 4, 5, 7, 8, the middle
+    block, output blocks 0-5) as in SDXL, linear transformer projections, 32 channels per head,
+    `y` = pooled text vector + the six size embeddings."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "num_classes": "sequential", "adm_in_channels": pooled_dim + SDXL_SIZE_EMBEDDINGS,
+        "in_channels": 4, "out_channels": 4, "model_channels": model_channels,
+        "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+        "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": context_dim,
+        "num_head_channels": 32, "use_temporal_resblock": False, "use_temporal_attention": False,
+    }
+
+
+def tiny_sdxl_clip(seed: int = 0, dtype=torch.float32):
+    """SDXL's text side at tiny size: comfy.sdxl_clip's tokenizer and SDXLClipModel (clip_l +
+    clip_g, both at layer -2, pooled = clip_g's projected end-of-text output), each encoder
+    3 layers and 64 wide, so the conditioning is 128 wide and the pooled vector 64."""
+    import comfy.sdxl_clip
+    configs = {"l": TINY_SDXL_TEXT_CONFIG, "g": TINY_SDXL_TEXT_CONFIG}
+    return _make_text_encoders(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel, configs, seed, dtype)
+
+
+def tiny_sdxl(seed: int = 0, prediction: str = "eps"):
+    """Tiny SDXL: comfy.supported_models.SDXL's model (a comfy.model_base.SDXL, so `y` is built by
+    its encode_adm) on sdxl_unet_config, the tiny_sdxl_clip text encoders, a TAESD-architecture
+    VAE (4 latent channels like SDXL's latent format; the model's latent_format scales them);
+    fp32.  prediction "v" marks the state dict with "v_pred", which SDXL.model_type() turns into
+    ModelSamplingDiscrete with V_PREDICTION, as a NoobAI v-pred checkpoint loads."""
+    import comfy.supported_models
+    markers = {"eps": {}, "v": {"v_pred": torch.tensor([])}}
+    if prediction not in markers:
+        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    model = _make_unet(comfy.supported_models.SDXL, sdxl_unet_config(), seed,
+                       checkpoint_markers=markers[prediction])
+    return model, tiny_sdxl_clip(seed), tiny_vae(seed)
+
+
+# --------------------------------------------------------------------------------------------
 # Text-encoder outputs at chosen token positions
 
 def _text_encoder(clip):
@@ -307,14 +375,43 @@ def _text_encoder(clip):
     return getattr(outer, name), getattr(outer, "clip_name")
 
 
+def _is_single_encoder(clip) -> bool:
+    """True for CLIPs with one text encoder (SD1.x, SD2.x), False for SDXL's clip_l + clip_g."""
+    outer = clip.cond_stage_model
+    name = getattr(outer, "clip", None)
+    return name is not None and hasattr(outer, name)
+
+
+def _token_source(clip):
+    """(encoder, tokenizer key) whose token ids give the token positions: the only encoder, or
+    SDXL's clip_l (clip_g tokenizes to the same ids up to the first end token, padding apart)."""
+    if _is_single_encoder(clip):
+        return _text_encoder(clip)
+    outer = clip.cond_stage_model
+    if hasattr(outer, "clip_l") and hasattr(outer, "clip_g"):
+        return outer.clip_l, "l"
+    raise NotImplementedError(f"no token layout for text encoder {type(outer).__name__}")
+
+
+def _up_to_end(ids: list[int], end: int) -> list[int]:
+    """Token ids cut after the first end token."""
+    return ids[: ids.index(end) + 1]
+
+
 def token_ids(clip, text: str, padded: bool = False) -> list[int]:
     """Token ids of `text` as ComfyUI feeds them to the text encoder: start token, ..., first
-    end token, and with `padded` the padding after it (77 ids for CLIP)."""
-    inner, key = _text_encoder(clip)
-    ids = [int(t) for t, _ in clip.tokenize(text)[key][0]]
+    end token, and with `padded` the padding after it (77 ids for CLIP).  For SDXL these are
+    clip_l's ids; clip_g's must agree up to the first end token (checked)."""
+    inner, key = _token_source(clip)
+    tokens = clip.tokenize(text)
+    ids = [int(t) for t, _ in tokens[key][0]]
+    end = inner.special_tokens["end"]
+    for other, pairs in tokens.items():
+        if other != key and _up_to_end([int(t) for t, _ in pairs[0]], end) != _up_to_end(ids, end):
+            raise ValueError(f"tokenizers {key!r} and {other!r} disagree on {text!r}")
     if padded:
         return ids
-    return ids[: ids.index(inner.special_tokens["end"]) + 1]
+    return _up_to_end(ids, end)
 
 
 def slot_layout(clip, template: str, word: str) -> tuple[list[int], list[int], int]:
@@ -376,6 +473,32 @@ def encode_prefixes(clip, id_lists: list[list[int]], check: bool = True) -> torc
     return out
 
 
+@torch.no_grad()
+def encode_conditioning(clip, prompts: list[str]) -> torch.Tensor:
+    """The context ComfyUI's sampling gets for each prompt, fp32, [n, tokens, context_dim]:
+    clip.encode_from_tokens(clip.tokenize(p), return_dict=True)["cond"] (for SDXL the cat of
+    clip_l's and clip_g's penultimate-layer outputs)."""
+    rows = [clip.encode_from_tokens(clip.tokenize(p), return_dict=True)["cond"].float() for p in prompts]
+    if len({r.shape for r in rows}) != 1:
+        raise ValueError(f"prompts encode to different lengths: {sorted({tuple(r.shape) for r in rows})}")
+    return torch.cat(rows)  # (n, tokens, context_dim)
+
+
+def _context_rows(clip, template: str, words: list[str], layouts):
+    """(outputs up to each prompt's first end token at least [n, len, dim], a function giving the
+    full padded outputs of chosen word indices).  Single encoders use the cheaper causal prefix
+    encoding; other CLIPs (SDXL) encode whole prompts with encode_conditioning."""
+    if _is_single_encoder(clip):
+        out = encode_prefixes(clip, [ids for ids, _, _ in layouts])
+
+        def padded(indices):
+            ids = [token_ids(clip, template.format(words[i]), padded=True) for i in indices]
+            return encode_prefixes(clip, ids, check=False)
+        return out, padded
+    out = encode_conditioning(clip, [template.format(w) for w in words])
+    return out, lambda indices: out[list(indices)]
+
+
 def edit_and_preserve_vectors(clip, planted, vocabulary, template: str = TEMPLATE, heldout=(),
                               pad_prompts: int | None = None):
     """Context vectors to edit and to preserve.
@@ -389,14 +512,15 @@ def edit_and_preserve_vectors(clip, planted, vocabulary, template: str = TEMPLAT
     makes up most of the 77 context vectors the UNet attends to: left out, the edit would move
     it for every prompt.  Returns (edit [n_e, dim], preserve [n_p, dim], info) where info also
     holds "edit_kind" ("slot"/"eos" per edit row) and "heldout" vectors of `heldout` words
-    (same positions as the edit set; for reporting only).
+    (same positions as the edit set; for reporting only).  The vectors are rows of the context
+    the UNet attends to: for SDXL, of the cat(clip_l, clip_g) conditioning (encode_conditioning).
     """
     planted = list(dict.fromkeys(planted))
     others = [w for w in dict.fromkeys(vocabulary) if w not in set(planted)]
     heldout = [w for w in dict.fromkeys(heldout) if w not in set(planted) | set(others)]
     words = planted + others + heldout
     layouts = [slot_layout(clip, template, w) for w in words]
-    out = encode_prefixes(clip, [ids for ids, _, _ in layouts])
+    out, padded_rows = _context_rows(clip, template, words, layouts)
     per_word = [out[i, slot[0]: eos + 1] for i, (ids, slot, eos) in enumerate(layouts)]
     prefix_len = layouts[0][1][0]
     n_p, n_o = len(planted), len(others)
@@ -405,8 +529,7 @@ def edit_and_preserve_vectors(clip, planted, vocabulary, template: str = TEMPLAT
     chosen = sorted({round(i * (n_o - 1) / max(1, n_pad - 1)) for i in range(n_pad)}) if n_pad else []
     pads = []
     if chosen:
-        full = encode_prefixes(clip, [token_ids(clip, template.format(others[i]), padded=True) for i in chosen],
-                               check=False)
+        full = padded_rows([n_p + i for i in chosen])
         pads = [full[j, layouts[n_p + i][2] + 1:] for j, i in enumerate(chosen)]
 
     edit = torch.cat(per_word[:n_p])
@@ -591,6 +714,182 @@ def lora_state_dict(model_patcher, deltas: dict[str, torch.Tensor], rtol: float 
         sd[f"{name}.alpha"] = torch.tensor(float(rank))
         ranks[name] = rank
     return sd, ranks
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL LoRA files as people share them, and an adapted CLIP
+
+# The UNet modules a kohya sd-scripts SDXL LoRA trains: the Linear layers of the transformers.
+_KOHYA_UNET_MODULE = re.compile(
+    r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.[\d.]*"
+    r"(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))\.weight$")
+# The text-encoder modules it trains: attention and MLP projections of every encoder layer.
+_KOHYA_TEXT_MODULE = re.compile(
+    r"^clip_([lg])\.transformer\.(text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]))\.weight$")
+_KOHYA_TEXT_PREFIX = {"l": "lora_te1_", "g": "lora_te2_"}  # SDXL: clip_l is te1, clip_g te2
+_CROSS_ATTENTION_MODULE = re.compile(r"\.attn2\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+def _computed_weights(patcher, keys) -> dict[str, torch.Tensor]:
+    """fp32 copies of the weights `patcher` (a ModelPatcher, or a CLIP's .patcher) computes with:
+    the stored weights (from ComfyUI's backup while a clone's patches sit in the shared modules)
+    plus the patcher's own patches."""
+    key_patches = patcher.get_key_patches()
+    return {key: _patched_weight(key, key_patches[key]) for key in keys}
+
+
+def kohya_sdxl_unet_name(key: str) -> str:
+    """kohya's SDXL LoRA name of a UNet weight: the original (SGM) module path with dots as
+    underscores, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k."""
+    return "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+
+
+def kohya_sdxl_text_name(key: str) -> str:
+    """kohya's SDXL LoRA name of a text-encoder weight, e.g.
+    clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight -> lora_te2_text_model_encoder_layers_0_mlp_fc1."""
+    match = _KOHYA_TEXT_MODULE.match(key)
+    return _KOHYA_TEXT_PREFIX[match[1]] + match[2].replace(".", "_")
+
+
+def kohya_sdxl_targets(model_patcher, clip) -> dict[str, tuple[str, str]]:
+    """{kohya name: ("unet" | "clip", state-dict key)} of every module a kohya SDXL LoRA with
+    text-encoder training touches."""
+    targets = {kohya_sdxl_unet_name(k): ("unet", k) for k in model_patcher.model.state_dict()
+               if _KOHYA_UNET_MODULE.match(k)}
+    targets.update({kohya_sdxl_text_name(k): ("clip", k) for k in clip.cond_stage_model.state_dict()
+                    if _KOHYA_TEXT_MODULE.match(k)})
+    return targets
+
+
+def _random_lora_pair(weight: torch.Tensor, rank: int, scale: float, strength: float,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_up [out, rank], lora_down [rank, in]) with ||scale * up @ down|| = strength * ||W||."""
+    out_dim, in_dim = weight.shape
+    down = torch.randn(rank, in_dim, generator=generator) / math.sqrt(in_dim)
+    up = torch.randn(out_dim, rank, generator=generator)
+    norm = (scale * up @ down).norm().clamp_min(1e-30)
+    return (up * (strength * weight.float().norm() / norm)).contiguous(), down.contiguous()
+
+
+def sdxl_kohya_lora_state_dict(model_patcher, clip, seed: int = 0, strength: float = 0.1,
+                               rank: int = 4) -> dict[str, torch.Tensor]:
+    """A kohya-format SDXL LoRA (fp32) with random factors from `seed`: lora_down/lora_up/alpha for
+    every transformer Linear of the UNet (lora_unet_...) and every attention/MLP projection of
+    clip_l (lora_te1_...) and clip_g (lora_te2_...).  alpha = rank / 2 as kohya users often set it
+    (ComfyUI scales by alpha / rank); each module's delta is `strength` times its weight's norm."""
+    targets = kohya_sdxl_targets(model_patcher, clip)
+    weights = {side: _computed_weights(patcher, [k for s, k in targets.values() if s == side])
+               for side, patcher in (("unet", model_patcher), ("clip", clip.patcher))}
+    gen = _generator(seed, 5)
+    alpha = rank / 2
+    sd = {}
+    for name, (side, key) in sorted(targets.items()):
+        up, down = _random_lora_pair(weights[side][key], rank, alpha / rank, strength, gen)
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def cross_attention_keys(model_patcher) -> list[str]:
+    """State-dict keys of the q, k, v and output projections of every cross-attention (attn2)."""
+    return sorted(k for k in model_patcher.model.state_dict()
+                  if k.startswith("diffusion_model.") and _CROSS_ATTENTION_MODULE.search(k))
+
+
+def nearest_kronecker(matrix: torch.Tensor, shape1: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) minimizing ||matrix - kron(A, B)|| with A of `shape1` (Van Loan and Pitsianis:
+    the best rank-1 approximation of the rearranged matrix)."""
+    (m1, n1), (m, n) = shape1, matrix.shape
+    m2, n2 = m // m1, n // n1
+    blocks = matrix.detach().double().reshape(m1, m2, n1, n2)  # (m1, m2, n1, n2)
+    rearranged = blocks.permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)  # (m1*n1, m2*n2)
+    u, s, vh = torch.linalg.svd(rearranged, full_matrices=False)
+    root = s[0].sqrt()
+    a = (root * u[:, 0]).reshape(m1, n1)  # (m1, n1)
+    b = (root * vh[0]).reshape(m2, n2)  # (m2, n2)
+    return a.float().contiguous(), b.float().contiguous()
+
+
+def _lokr_factors(weight, delta, factor: int, strength: float, generator):
+    """(lokr_w1 [factor, factor], lokr_w2 [out/factor, in/factor]) for one weight: the nearest
+    Kronecker product of `delta`, or random with ||kron(w1, w2)|| = strength * ||W|| when None."""
+    out_dim, in_dim = weight.shape
+    if out_dim % factor or in_dim % factor:
+        raise ValueError(f"LoKr factor {factor} does not divide the weight's shape {tuple(weight.shape)}")
+    if delta is not None:
+        return nearest_kronecker(delta, (factor, factor))
+    w1 = torch.randn(factor, factor, generator=generator)
+    w2 = torch.randn(out_dim // factor, in_dim // factor, generator=generator)
+    w2 *= strength * weight.float().norm() / (w1.norm() * w2.norm())  # ||kron(a, b)|| = ||a|| ||b||
+    return w1.contiguous(), w2.contiguous()
+
+
+def lokr_state_dict(model_patcher, deltas_or_seed=0, factor: int = 4, strength: float = 0.1,
+                    keys=None) -> dict[str, torch.Tensor]:
+    """A LyCORIS LoKr file's state dict (fp32, full-matrix factors lokr_w1/lokr_w2 plus alpha, as
+    LyCORIS writes it; ComfyUI applies kron(w1, w2) unscaled for full factors) under kohya names.
+
+    `deltas_or_seed`: an int gives random factors for `keys` (default: every cross-attention
+    projection, cross_attention_keys) with each delta `strength` times its weight's norm; a dict
+    {UNet key: delta} gives the nearest Kronecker product of each delta (exact if it is one)."""
+    if isinstance(deltas_or_seed, dict):
+        deltas, gen = deltas_or_seed, None
+        keys = sorted(deltas)
+    else:
+        deltas, gen = {}, _generator(int(deltas_or_seed), 6)
+        keys = sorted(keys or cross_attention_keys(model_patcher))
+    weights = _computed_weights(model_patcher, keys)
+    sd = {}
+    for key in keys:
+        w1, w2 = _lokr_factors(weights[key], deltas.get(key), factor, strength, gen)
+        name = kohya_sdxl_unet_name(key)
+        sd[f"{name}.lokr_w1"], sd[f"{name}.lokr_w2"] = w1, w2
+        sd[f"{name}.alpha"] = torch.tensor(float(factor))
+    return sd
+
+
+SDXL_KOHYA_LORA = "driftscope_sdxl_kohya.safetensors"
+SDXL_LOKR = "driftscope_sdxl_lokr.safetensors"
+
+
+def write_sdxl_loras(folder, model_patcher, clip, seed: int = 0, strength: float = 0.1) -> dict[str, Path]:
+    """Write the kohya LoRA (UNet + both text encoders) and the LoKr file (UNet cross-attention)
+    of the given SDXL model as safetensors into `folder`, with the metadata kohya and LyCORIS
+    write.  Returns {"kohya": path, "lokr": path}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "kohya": (SDXL_KOHYA_LORA, sdxl_kohya_lora_state_dict(model_patcher, clip, seed, strength),
+                  {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}),
+        "lokr": (SDXL_LOKR, lokr_state_dict(model_patcher, seed, strength=strength),
+                 {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "lokr"}),
+                  "ss_base_model_version": "sdxl_base_v1-0"}),
+    }
+    paths = {}
+    for kind, (name, sd, meta) in files.items():
+        paths[kind] = folder / name
+        _atomic_save(sd, paths[kind], metadata=meta)
+    return paths
+
+
+def sdxl_adapted_clip(clip, seed: int = 1, scale: float = 0.05):
+    """A clone of an SDXL `clip` whose clip_l and clip_g differ from it (the adapted-CLIP side of a
+    fine-tuned checkpoint): "diff" patches of relative size `scale` on every attention and MLP
+    projection of both encoders.  The input CLIP is left unchanged."""
+    gen = _generator(seed, 7)
+    keys = sorted(k for k in clip.cond_stage_model.state_dict() if _KOHYA_TEXT_MODULE.match(k))
+    weights = _computed_weights(clip.patcher, keys)
+    patches = {}
+    for key in keys:
+        w = weights[key]
+        noise = torch.randn(w.shape, generator=gen)
+        patches[key] = ("diff", ((scale * w.norm() / noise.norm()) * noise,))
+    adapted = clip.clone()
+    added = adapted.add_patches(patches, 1.0)
+    if len(added) != len(patches) or not patches:
+        raise RuntimeError(f"only {len(added)} of {len(patches)} text-encoder patches were accepted")
+    return adapted
 
 
 # --------------------------------------------------------------------------------------------
