@@ -143,10 +143,12 @@ class _Measurer:
         core, host = env.core, env.host
         self.core, self.case, self.settings, self.truth, self.log = core, case, settings, truth, log
         self.runtime = host.runtime_for("fp32", settings.micro_batch, False)
-        self.base, self.adapted = host.model_sides(case.base_model, case.base_clip, case.adapted_model, case.adapted_clip,
-                                                   self.runtime, need_grad=False)
-        self.tokenize, _, _ = host.tokenizer_functions(case.base_clip)
-        self.templates = [core.prompts.tokenize_template(settings.template, self.tokenize, self.base.layout)]
+        family = host.check_pair(case.base_model, case.adapted_model, case.base_clip, case.adapted_clip)
+        self.base, self.adapted = host.model_sides(family, case.base_model, case.base_clip, case.adapted_model,
+                                                   case.adapted_clip, self.runtime, need_grad=False)
+        self.tokenize, _, _ = host.tokenizer_functions(case.base_clip, family)
+        layout = min(self.base.text.layouts.values(), key=lambda lay: lay.max_length)
+        self.templates = [core.prompts.tokenize_template(settings.template, self.tokenize, layout)]
         self.schedule = host.schedule_of(case.base_model, settings.scheduler, settings.schedule_steps)
         channels = case.base_model.model.latent_format.latent_channels
         self.latent_shape = (channels, settings.height // 8, settings.width // 8)

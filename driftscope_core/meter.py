@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .conditioning import Conditioning, Prompt
 from .models import ModelSide, Runtime
 from .objective import Trajectory, drift_per_sample, run_trajectory
 from .prompts import PromptBuilder, Template
@@ -42,20 +43,34 @@ class SamplingSettings:
 
 
 class _SideState:
-    """Per-side text state: prompt builders per template, candidate rows, empty prompt."""
+    """Per-side text state: prompt builders per template and text encoder, candidate rows per
+    text encoder, the empty prompt, and a cache of word conditionings."""
 
-    def __init__(self, side: ModelSide, vocab: Vocabulary, templates: list[Template], runtime: Runtime):
-        emb = side.text_encoder.token_embedding.float()  # (V, D)
-        self.side, self.vocab, self.emb = side, vocab, emb
-        self.builders = [PromptBuilder(t, side.layout, emb) for t in templates]
-        self.uncond = side.empty_prompt(runtime)  # (1, T, D)
-        self.cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (template, word) -> (cond, mask)
+    def __init__(self, side: ModelSide, vocab: Vocabulary, templates: list[Template]):
+        self.side, self.vocab = side, vocab
+        self.builders = [{name: PromptBuilder(t, lay) for name, lay in side.text.layouts.items()} for t in templates]
+        self.uncond = side.empty_prompt()  # 1 prompt
+        self.cache: dict[tuple[int, int], Conditioning] = {}  # (template, word) -> 1 prompt
+
+    def prompt(self, t_idx: int, slots: dict[str, object] | None = None, word: int | None = None) -> Prompt:
+        """Template `t_idx` for every text encoder, its slot filled with the word's token ids
+        (`word`) or with rows per encoder (`slots`, the soft prompt)."""
+        if word is not None:
+            ids = self.vocab[word].token_ids
+            return {name: b.prompt(ids) for name, b in self.builders[t_idx].items()}
+        return {name: b.prompt(slots[name]) for name, b in self.builders[t_idx].items()}
 
     @cached_property
-    def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded candidate rows (C, L, D) and lengths (C,), for the soft prompt only: built on
-        first use, since a long list's rows take time and memory that scoring never needs."""
-        return candidate_embeddings(self.vocab, self.emb)
+    def candidates(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per text encoder, padded candidate rows (C, L, D) and lengths (C,), for the soft
+        prompt only: built on first use, since a long list's rows take time and memory that
+        scoring never needs."""
+        return {name: candidate_embeddings(self.vocab, self.side.text.token_embedding(name))
+                for name in self.side.text.layouts}
+
+    def slot_rows(self, one_hot: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The soft choice's slot rows (k, D) per text encoder."""
+        return {name: slot_rows(one_hot, *cands) for name, cands in self.candidates.items()}
 
 
 class _Pulse:
@@ -104,7 +119,7 @@ class DriftMeter:
         self.schedule = schedule
         self.sigmas = schedule.truncated(sampling.kept_steps).to(runtime.device)
         self.initial_scale = schedule.initial_scale
-        self.sides = {s.name: _SideState(s, vocab, templates, runtime) for s in (base, adapted)}
+        self.sides = {s.name: _SideState(s, vocab, templates) for s in (base, adapted)}
         self.base, self.adapted = self.sides[base.name], self.sides[adapted.name]
 
     def variant(self, **changes) -> "DriftMeter":
@@ -116,47 +131,43 @@ class DriftMeter:
         return other
 
     # -- shared pieces -------------------------------------------------------------------------
-    def _trajectory(self, st: _SideState, noise, cond, mask) -> Trajectory:
+    def _trajectory(self, st: _SideState, noise, cond: Conditioning) -> Trajectory:
         s = self.sampling
-        return run_trajectory(st.side, self.sigmas, self.initial_scale, noise, cond, st.uncond, s.cfg, mask, s.objective, self.runtime)
+        return run_trajectory(st.side, self.sigmas, self.initial_scale, noise, cond, st.uncond, s.cfg, s.objective, self.runtime)
 
-    def _trajectories(self, st: _SideState, noise, cond, mask, beat: Beat | None = None) -> Trajectory:
+    def _trajectories(self, st: _SideState, noise, cond: Conditioning, beat: Beat | None = None) -> Trajectory:
         """Trajectories for many latents, micro-batched; `beat(latents done)` after each call."""
         def run(sl: slice) -> Trajectory:
-            return self._trajectory(st, noise[sl], cond[sl], mask[sl])
+            return self._trajectory(st, noise[sl], cond.rows(sl))
 
         return Trajectory.cat(_in_chunks(noise.shape[0], self.runtime.micro_batch, run, beat))
 
-    def _encode_chunked(self, side: ModelSide, embeds: torch.Tensor, beat: Beat | None = None) -> torch.Tensor:
-        """Conditioning (m, T, D) of input embeddings (m, T, D), `runtime.text_batch` prompts per
-        encoder call; `beat(prompts done)` after each call."""
-        def run(sl: slice) -> torch.Tensor:
-            return side.encode(embeds[sl], self.runtime)  # (m', T, D)
+    def _encode_chunked(self, side: ModelSide, prompts: list[Prompt], beat: Beat | None = None) -> Conditioning:
+        """Conditioning of m prompts, `runtime.text_batch` prompts per text-side call;
+        `beat(prompts done)` after each call."""
+        def run(sl: slice) -> Conditioning:
+            return side.encode(prompts[sl])  # m' prompts
 
-        return torch.cat(_in_chunks(embeds.shape[0], self.runtime.text_batch, run, beat))
+        return Conditioning.cat(_in_chunks(len(prompts), self.runtime.text_batch, run, beat))
 
-    def _word_prompts(self, st: _SideState, t_idx: int, indices: list[int], beat: Beat | None = None):
-        """Conditioning (n, T, D) and slot masks (n, T) for candidate words, exact ids; words
-        encoded before with this template come from the cache. `beat(words encoded)`."""
+    def _word_prompts(self, st: _SideState, t_idx: int, indices: list[int], beat: Beat | None = None) -> Conditioning:
+        """Conditioning of candidate words (n prompts, exact ids); words encoded before with this
+        template come from the cache. `beat(words encoded)`."""
         missing = [i for i in indices if (t_idx, i) not in st.cache]
+        fresh = {}
         if missing:
-            builder = st.builders[t_idx]
-            pairs = [builder.embed_ids(self.vocab[i].token_ids) for i in missing]
-            embeds = torch.stack([p[0] for p in pairs])  # (m, T, D)
-            conds = self._encode_chunked(st.side, embeds, beat)  # (m, T, D)
-            fresh = {(t_idx, i): (conds[j], pairs[j][1]) for j, i in enumerate(missing)}
-        else:
-            fresh = {}
-        rows = [fresh.get((t_idx, i)) or st.cache[(t_idx, i)] for i in indices]
+            conds = self._encode_chunked(st.side, [st.prompt(t_idx, word=i) for i in missing], beat)  # m prompts
+            fresh = {(t_idx, i): conds.rows(slice(j, j + 1)) for j, i in enumerate(missing)}
+        rows = [fresh[(t_idx, i)] if (t_idx, i) in fresh else st.cache[(t_idx, i)] for i in indices]
         room = self.sampling.cache_size * len(self.templates) - len(st.cache)
         st.cache.update(list(fresh.items())[: max(room, 0)])
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        return Conditioning.cat(rows)
 
     # -- batched scoring -----------------------------------------------------------------------
     @property
     def shared_text(self) -> bool:
         """One text encoder for both sides (e.g. a UNet-only LoRA): words are encoded once."""
-        return self.base.side.text_encoder is self.adapted.side.text_encoder
+        return self.base.side.text is self.adapted.side.text
 
     def planned_evaluations(self, indices: list[int], n_seeds: int) -> int:
         """Model evaluations (both sides, forward) that score(indices, n_seeds seeds) will run:
@@ -197,14 +208,12 @@ class DriftMeter:
         trajectories = []
         for st in (self.base, self.adapted):
             if not (self.shared_text and st is self.adapted):  # one text encoder: encode once for both
-                cond, mask = self._word_prompts(st, t_idx, group, encoded)
-                cond = cond.repeat_interleave(n_seeds, dim=0)  # (n*N, T, D)
-                mask = mask.repeat_interleave(n_seeds, dim=0)  # (n*N, T)
+                cond = self._word_prompts(st, t_idx, group, encoded).repeat_interleave(n_seeds)  # n*N prompts
 
             def measured(k: int, name: str = st.side.name) -> None:  # k latents of the group denoised
                 pulse.beat(f"{name} model on", row + k // n_seeds, t_idx)
 
-            trajectories.append(self._trajectories(st, noise_rep, cond, mask, measured))
+            trajectories.append(self._trajectories(st, noise_rep, cond, measured))
         d = drift_per_sample(trajectories[0], trajectories[1], self.sampling.objective)  # (n*N,)
         return d.view(n, n_seeds)  # (n, N)
 
@@ -223,29 +232,28 @@ class DriftMeter:
         for t_idx in range(n_tpl):
             with torch.no_grad():
                 st = self.base
-                rows = slot_rows(one_hot.detach(), *st.candidates)  # (k, D)
-                emb, mask = st.builders[t_idx].embed(rows)
-                cond_b = st.side.encode(emb[None], self.runtime).expand(n_seeds, -1, -1)  # (N, T, D)
-                masks = mask[None].expand(n_seeds, -1)  # (N, T)
-                base_traj = self._trajectories(st, noise, cond_b, masks, tick)
+                prompt = st.prompt(t_idx, st.slot_rows(one_hot.detach()))  # slot rows (k, D) per encoder
+                cond_b = st.side.encode([prompt]).expand(n_seeds)  # N prompts
+                base_traj = self._trajectories(st, noise, cond_b, tick)
             st = self.adapted
-            rows = slot_rows(one_hot, *st.candidates)  # (k, D), graph to one_hot
-            emb, _ = st.builders[t_idx].embed(rows)
-            cond_a = st.side.encode(emb[None], self.runtime)  # (1, T, D)
-            leaf = cond_a.detach().requires_grad_(True)
-            leaf_grad = torch.zeros_like(leaf)  # (1, T, D)
+            cond_a = st.side.encode([st.prompt(t_idx, st.slot_rows(one_hot))])  # 1 prompt, graph to one_hot
+            leaf = cond_a.detached_leaf()
+            inputs = leaf.differentiable()
+            grads = [torch.zeros_like(t) for t in inputs]
             mb = self.runtime.micro_batch
             for i in range(0, n_seeds, mb):
                 sl = slice(i, i + mb)
                 n = noise[sl].shape[0]
-                traj = self._trajectory(st, noise[sl], leaf.expand(n, -1, -1), masks[sl])
+                traj = self._trajectory(st, noise[sl], leaf.expand(n))
                 d = drift_per_sample(base_traj.rows(sl), traj, self.sampling.objective)  # (n,)
                 # the gradient of the conditioning only: the model's weights may require grad
                 # (a model a training node made) and must not collect a .grad
-                leaf_grad += torch.autograd.grad(d.sum() * weight, leaf)[0]
+                step = torch.autograd.grad(d.sum() * weight, inputs, allow_unused=True)
+                grads = [g if s is None else g + s for g, s in zip(grads, step)]
                 drifts[sl] += d.detach().cpu()
                 if beat is not None:
                     beat()
-            cond_a.backward(leaf_grad)
+            outputs = [(t, g) for t, g in zip(cond_a.differentiable(), grads) if t.requires_grad]
+            torch.autograd.backward([t for t, _ in outputs], [g for _, g in outputs])
             st.side.count_backward()
         return drifts / n_tpl

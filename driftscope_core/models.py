@@ -1,19 +1,20 @@
 """The two model sides as the core sees them, and what running them costs.
 
-The core never touches the host's model objects: each side is a text encoder (plain torch, see
-text_encoder.py) and a denoiser callable `(x, sigma, context, attention_probe) -> x0`. Every
-call goes through a ModelSide so that model evaluations are counted the same way everywhere.
+The core never touches the host's model objects: each side is a text side (the host's text
+encoders behind conditioning.TextSide) and a denoiser callable
+`(x, sigma, conditioning, attention_probe) -> x0`. Every call goes through a ModelSide so that
+model evaluations are counted the same way everywhere.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .prompts import TokenLayout
-from .text_encoder import ClipTextEncoder
+from .conditioning import Conditioning, Prompt, TextSide
+from .prompts import SlotPrompt
 
 
 class Denoiser(Protocol):
@@ -21,7 +22,7 @@ class Denoiser(Protocol):
         self,
         x: torch.Tensor,  # (B, C, h, w) noisy latents
         sigma: torch.Tensor,  # (B,)
-        context: torch.Tensor,  # (B, T, D) text conditioning
+        conditioning: Conditioning,  # B prompts: context (B, T, D) and extras
         attention_probe: Callable | None,  # see attention.SlotAttentionProbe
     ) -> torch.Tensor:  # (B, C, h, w) x0 prediction
         ...
@@ -48,8 +49,8 @@ class EvaluationCounts:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how the models run. Autocast applies to model passes only; the soft prompt,
-    its optimizer and every loss stay float32."""
+    """Where and how the models run. Autocast applies to denoiser passes only (text encoders
+    run as the host runs them); the soft prompt, its optimizer and every loss stay float32."""
 
     device: torch.device = torch.device("cpu")
     autocast_dtype: torch.dtype | None = None
@@ -71,27 +72,26 @@ class ModelSide:
     """One of the two models: base or adapted."""
 
     name: str
-    text_encoder: ClipTextEncoder
-    layout: TokenLayout
+    text: TextSide
     denoiser: Denoiser
     counts: EvaluationCounts = field(default_factory=EvaluationCounts)
     _pending_unet: int = 0
     _pending_text: int = 0
 
-    def encode(self, embeds: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-        """Conditioning (B, T, D) from input embeddings (B, T, D)."""
-        self.counts.text_forward += embeds.shape[0]
-        if torch.is_grad_enabled() and embeds.requires_grad:
-            self._pending_text += embeds.shape[0]
-        with runtime.autocast():
-            return self.text_encoder.encode(embeds).float()
+    def encode(self, prompts: Sequence[Prompt]) -> Conditioning:
+        """Conditioning of a batch of prompts, computed by the host's text encoders as it would
+        compute them (no autocast: the text side is exact by construction)."""
+        self.counts.text_forward += len(prompts)
+        if torch.is_grad_enabled() and any(_has_grad(p) for p in prompts):
+            self._pending_text += len(prompts)
+        return self.text.encode(prompts).float()
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, probe, runtime: Runtime) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, probe, runtime: Runtime) -> torch.Tensor:
         """x0 (B, C, h, w). Every call is a forward pass, including recomputations under
         gradient checkpointing; backward passes are noted by the caller (note_backward_pending)."""
         self.counts.unet_forward += x.shape[0]
         with runtime.autocast():
-            return self.denoiser(x, sigma, context, probe).float()
+            return self.denoiser(x, sigma, cond, probe).float()
 
     def note_backward_pending(self, latents: int) -> None:
         """`latents` evaluations were recorded for autograd; they count once backward runs."""
@@ -106,10 +106,14 @@ class ModelSide:
     def drop_pending(self) -> None:
         self._pending_unet = self._pending_text = 0
 
-    def empty_prompt(self, runtime: Runtime) -> torch.Tensor:
-        """Conditioning (1, T, D) of the empty prompt, the unconditional branch of guidance."""
-        lay = self.layout
-        ids = [lay.start, lay.end] + [lay.pad] * (lay.max_length - 2)
-        emb = self.text_encoder.token_embedding[torch.tensor(ids, device=self.text_encoder.device)]  # (T, D)
+    def empty_prompt(self) -> Conditioning:
+        """Conditioning (1, ...) of the empty prompt, the unconditional branch of guidance."""
+        prompt = {}
+        for name, lay in self.text.layouts.items():
+            prompt[name] = SlotPrompt((lay.start,), (), (lay.end,) + (lay.pad,) * (lay.max_length - 2))
         with torch.no_grad():
-            return self.encode(emb[None].float(), runtime)
+            return self.encode([prompt])
+
+
+def _has_grad(prompt: Prompt) -> bool:
+    return any(torch.is_tensor(p.slot) and p.slot.requires_grad for p in prompt.values())

@@ -14,6 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .attention import SlotAttentionProbe
+from .conditioning import Conditioning
 from .models import ModelSide, Runtime
 from .sampling import cfg_combine, euler_step
 
@@ -45,17 +46,17 @@ class Trajectory:
         return Trajectory(pick(self.maps), pick(self.x0), self.latent[sl])
 
 
-def _guided_x0(side, x, sigma, cond, uncond, cfg, slot_mask, record, runtime):
+def _guided_x0(side, x, sigma, cond: Conditioning, uncond: Conditioning, cfg, record, runtime):
     """One guided model evaluation: x0 (B, C, h, w) and slot maps (B, L, HW) or an empty tensor."""
     b = x.shape[0]
     if cfg == 1.0:
-        x_in, ctx = x, cond
+        x_in, both = x, cond
     else:
         x_in = torch.cat([x, x])  # (2B, C, h, w): conditional rows first
-        ctx = torch.cat([cond, uncond.expand(b, -1, -1)])  # (2B, T, D)
-    probe = SlotAttentionProbe(slot_mask) if record else None
+        both = Conditioning.cat([cond, uncond.expand(b)])  # 2B prompts
+    probe = SlotAttentionProbe(cond.slot_mask) if record else None
     sig = sigma.reshape(1).expand(x_in.shape[0]).to(x.device)
-    out = side.denoise(x_in, sig, ctx, probe, runtime)
+    out = side.denoise(x_in, sig, both, probe, runtime)
     x0 = out if cfg == 1.0 else cfg_combine(out[:b], out[b:], cfg)
     maps = probe.stacked() if record else x.new_zeros(0)
     return x0, maps
@@ -66,10 +67,9 @@ def run_trajectory(
     sigmas: torch.Tensor,
     initial_scale: float,
     noise: torch.Tensor,  # (B, C, h, w) unit noise
-    cond: torch.Tensor,  # (B, T, D)
-    uncond: torch.Tensor,  # (1, T, D)
+    cond: Conditioning,  # B prompts, slot mask included
+    uncond: Conditioning,  # the empty prompt (1, ...)
     cfg: float,
-    slot_mask: torch.Tensor,  # (B, T)
     objective: str,
     runtime: Runtime,
 ) -> Trajectory:
@@ -83,7 +83,7 @@ def run_trajectory(
     for i in range(len(sigmas) - 1):
         if torch.is_grad_enabled():
             side.note_backward_pending(per_step)
-        args = (side, x, sigmas[i], cond, uncond, cfg, slot_mask, record, runtime)
+        args = (side, x, sigmas[i], cond, uncond, cfg, record, runtime)
         if use_ckpt:
             x0, m = checkpoint(_guided_x0, *args, use_reentrant=False)
         else:

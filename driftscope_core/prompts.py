@@ -106,49 +106,60 @@ def tokenize_template(text: str, tokenize: Callable[[str], list[int]], layout: T
     return Template(text, prefix, suffix)
 
 
-@dataclass
-class PromptBuilder:
-    """Builds input embeddings of a template with the slot filled by embedding rows.
+@dataclass(frozen=True)
+class SlotPrompt:
+    """One prompt as one text encoder's input: token ids around the slot, and the slot itself,
+    either the word's token ids (exact, no gradient) or its embedding rows (the soft prompt's
+    input, method step 2). `head` starts with the start token; `tail` ends with padding, so
+    len(head) + slot length + len(tail) is the encoder's length."""
 
-    Everything but the slot is looked up once: `head` holds start + prefix embeddings and
-    `tail` holds suffix + end + padding, long enough for the shortest slot.
-    """
+    head: tuple[int, ...]
+    slot: tuple[int, ...] | torch.Tensor  # k token ids, or rows (k, D) of the encoder's token embedding
+    tail: tuple[int, ...]
+
+    @property
+    def slot_length(self) -> int:
+        return len(self.slot) if isinstance(self.slot, tuple) else int(self.slot.shape[0])
+
+    @property
+    def slot_positions(self) -> range:
+        """The slot's token positions in this encoder's sequence."""
+        return range(len(self.head), len(self.head) + self.slot_length)
+
+    def ids(self) -> list[int]:
+        """The full id sequence (slot given as ids only): what the encoder's tokenizer gives."""
+        if not isinstance(self.slot, tuple):
+            raise TypeError("this prompt's slot holds embedding rows, not token ids")
+        return [*self.head, *self.slot, *self.tail]
+
+
+
+@dataclass(frozen=True)
+class PromptBuilder:
+    """Builds one text encoder's input for a template with the slot filled: start + prefix ids
+    before the slot, suffix + end + padding after it, to the encoder's length."""
 
     template: Template
     layout: TokenLayout
-    token_embedding: torch.Tensor  # (V, D) the text encoder's token-embedding matrix
 
-    def __post_init__(self) -> None:
-        lay, tpl = self.layout, self.template
-        head_ids = [lay.start, *tpl.prefix_ids]
-        tail_ids = [*tpl.suffix_ids, lay.end]
-        tail_ids += [lay.pad] * (lay.max_length - len(head_ids) - len(tail_ids) - 1)
-        emb = self.token_embedding
-        self.head = emb[torch.tensor(head_ids, device=emb.device)]  # (P, D)
-        self.tail = emb[torch.tensor(tail_ids, device=emb.device)]  # (max_length - P - 1, D)
-        self.slot_start = len(head_ids)
+    @property
+    def head(self) -> tuple[int, ...]:
+        return (self.layout.start, *self.template.prefix_ids)
 
     def room(self) -> int:
         """How many slot tokens fit."""
-        return self.layout.max_length - self.slot_start - len(self.template.suffix_ids) - 1
+        return self.layout.max_length - len(self.head) - len(self.template.suffix_ids) - 1
 
-    def embed(self, slot_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input embeddings (max_length, D) and slot mask (max_length,) for k slot rows (k, D)."""
-        k = slot_rows.shape[0]
+    def prompt(self, slot: Sequence[int] | torch.Tensor) -> SlotPrompt:
+        """The prompt with `slot` (k token ids, or k embedding rows (k, D)) in the slot."""
+        slot = tuple(int(i) for i in slot) if not torch.is_tensor(slot) else slot
+        k = len(slot) if isinstance(slot, tuple) else int(slot.shape[0])
         if k > self.room():
             raise TemplateError(f"templates: a word of {k} tokens does not fit into template {quoted(self.template.text)}")
-        tail = self.tail[: self.layout.max_length - self.slot_start - k]
-        seq = torch.cat([self.head.to(slot_rows.dtype), slot_rows, tail.to(slot_rows.dtype)])  # (T, D)
-        mask = torch.zeros(self.layout.max_length, device=seq.device)
-        mask[self.slot_start : self.slot_start + k] = 1.0
-        return seq, mask
-
-    def embed_ids(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input embeddings and slot mask for a word given as BPE ids (exact, no gradient path)."""
-        rows = self.token_embedding[torch.tensor(list(token_ids), device=self.token_embedding.device)]  # (k, D)
-        return self.embed(rows)
+        tail = (*self.template.suffix_ids, self.layout.end)
+        tail += (self.layout.pad,) * (self.layout.max_length - len(self.head) - k - len(tail))
+        return SlotPrompt(self.head, slot, tail)
 
     def token_ids(self, word_ids: Sequence[int]) -> list[int]:
         """The full id sequence a tokenizer would produce for the filled template (for tests)."""
-        ids = [self.layout.start, *self.template.prefix_ids, *word_ids, *self.template.suffix_ids, self.layout.end]
-        return ids + [self.layout.pad] * (self.layout.max_length - len(ids))
+        return self.prompt(word_ids).ids()

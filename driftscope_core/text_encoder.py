@@ -1,17 +1,21 @@
-"""A differentiable CLIP text transformer in plain torch.
+"""A differentiable CLIP text transformer in plain torch, and the text side it makes.
 
-Method step 2 needs gradients from the drift back to the slot's input embedding. The model's own
-text encoder is run here as a pure function of its (already patched) weights, so the soft prompt's
-graph never passes through code that updates tensors in place. A test proves it equals the host's
-encoder numerically.
+The host (nodes/) runs the model's own text encoders with the slot's embedding rows put into the
+token list, so that is what an audit uses. This plain-torch CLIP is the core's reference text
+side: the core's own tests build toy models with it, and the node tests check ComfyUI's
+encoders against it (method step 2 needs the gradient from the drift back to the slot's input
+embedding, which this encoder computes as a pure function of its weights).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .conditioning import Conditioning, Prompt
+from .prompts import SlotPrompt, TokenLayout
 
 ACTIVATIONS = {
     "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a),
@@ -89,3 +93,30 @@ class ClipTextEncoder:
         if self.config.output_layer is None or self.config.norm_intermediate:
             x = self._norm(x, "final_layer_norm")
         return x.float()
+
+
+class ClipText:
+    """conditioning.TextSide over one ClipTextEncoder (named `name`): the context is the
+    encoder's output, the slot mask its slot positions; no extras."""
+
+    def __init__(self, encoder: ClipTextEncoder, layout: TokenLayout, name: str = "clip"):
+        self.encoder, self.name = encoder, name
+        self.layouts = {name: layout}
+
+    def token_embedding(self, encoder: str) -> torch.Tensor:
+        return self.encoder.token_embedding.float()  # (V, D)
+
+    def input_embeddings(self, prompt: SlotPrompt) -> torch.Tensor:
+        """The input embeddings (T, D) of one prompt, slot rows in place."""
+        table = self.encoder.token_embedding
+        ids = lambda seq: table[torch.tensor(list(seq), dtype=torch.long, device=table.device)].float()  # noqa: E731
+        slot = ids(prompt.slot) if isinstance(prompt.slot, tuple) else prompt.slot.float()
+        return torch.cat([ids(prompt.head), slot, ids(prompt.tail)])  # (T, D)
+
+    def encode(self, prompts: Sequence[Prompt]) -> Conditioning:
+        ours = [p[self.name] for p in prompts]
+        embeds = torch.stack([self.input_embeddings(p) for p in ours])  # (B, T, D)
+        mask = torch.zeros(embeds.shape[:2], device=embeds.device)  # (B, T)
+        for row, p in enumerate(ours):
+            mask[row, p.slot_positions.start : p.slot_positions.stop] = 1.0
+        return Conditioning(self.encoder.encode(embeds), mask)

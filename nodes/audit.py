@@ -30,7 +30,7 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
     overrides = dict(settings, **({} if mode == "preset" else {"mode": mode}))
     audit_settings = settings_from_preset(preset, **overrides)
     family = host.check_pair(base_model, adapted_model, base_clip, adapted_clip)
-    tokenize, bpe, reserved = host.tokenizer_functions(base_clip)
+    tokenize, bpe, reserved = host.tokenizer_functions(base_clip, family)
     progress({"stage": "vocabulary", "note": "reading the word list"})
     vocab = build_vocabulary(vocabulary, _reporting(tokenize, progress), bpe, custom_words, reserved_ids=reserved)
     template_texts = parse_templates(templates)
@@ -41,16 +41,18 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
                       runtime, vocabulary)
     progress({"stage": "plan", "note": plan})
     with torch.inference_mode(False), torch.enable_grad():
-        progress({"stage": "prepare", "note": "copying the text encoders"})
-        base, adapted = host.model_sides(base_model, base_clip, adapted_model, adapted_clip, runtime,
+        progress({"stage": "prepare", "note": "preparing the text encoders"})
+        base, adapted = host.model_sides(family, base_model, base_clip, adapted_model, adapted_clip, runtime,
                                          need_grad=audit_settings.mode == "paper")
         try:
-            tpls = [tokenize_template(t, tokenize, base.layout, word_tokens=vocab.max_tokens) for t in template_texts]
+            layout = min(base.text.layouts.values(), key=lambda lay: lay.max_length)  # room for the word in every encoder
+            tpls = [tokenize_template(t, tokenize, layout, word_tokens=vocab.max_tokens) for t in template_texts]
             schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
             return run_audit(
                 base, adapted, vocab, tpls, schedule, audit_settings, runtime,
                 latent_channels=base_model.model.latent_format.latent_channels,
-                models={"family": family, "base": host.identity(base_model, base_clip), "adapted": host.identity(adapted_model, adapted_clip)},
+                models={"family": family.name, "base": host.identity(base_model, base_clip, family),
+                        "adapted": host.identity(adapted_model, adapted_clip, family)},
                 callback=progress,
             )
         finally:  # finished, failed or cancelled

@@ -32,26 +32,7 @@ def fixed_seed_control():
     return control.fixed if control is not None else True
 
 
-# -- patched weights ----------------------------------------------------------------------------
-def patched_state_dict(patcher) -> dict[str, torch.Tensor]:
-    """The patcher's weights with its patches (a LoRA) applied, on the CPU, leaving the patcher as
-    it was.
-
-    ComfyUI 0.22+ has `model_state_dict_for_saving()`, which computes each patched weight on
-    demand and works for the legacy patcher and for Dynamic VRAM's ModelPatcherDynamic alike
-    (the dynamic one refuses `load_models_gpu(..., force_patch_weights=True)`; ComfyUI's own
-    CLIPSave moved to this call for that reason). Older ComfyUI only has the legacy patcher,
-    where loading with patched weights and reading the module's state dict is the way.
-    """
-    if hasattr(patcher, "model_state_dict_for_saving"):
-        # An ordinary load first, as CLIPSave does: the legacy patcher then holds the weights it
-        # patched in place (read as they are), the dynamic one computes each on demand.
-        comfy.model_management.load_models_gpu([patcher])
-        return {k: v.to("cpu") for k, v in patcher.model_state_dict_for_saving().items()}
-    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True, force_full_load=True)
-    return {k: v.detach().to("cpu") for k, v in patcher.model.state_dict().items()}
-
-
+# -- patchers -----------------------------------------------------------------------------------
 def is_dynamic(patcher) -> bool:
     """True for Dynamic VRAM's ModelPatcherDynamic (0.16+, NVIDIA); False before it existed."""
     return bool(getattr(patcher, "is_dynamic", lambda: False)())

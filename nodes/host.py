@@ -2,23 +2,24 @@
 model internals (MODEL/CLIP patchers, attention patches, sigma schedules)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+from typing import Mapping, Sequence
 
 import torch
 
-import comfy.clip_model
 import comfy.model_management
 import comfy.samplers
 from comfy.ldm.modules.attention import optimized_attention
 
+from ..driftscope_core.conditioning import Conditioning, Prompt
 from ..driftscope_core.models import ModelSide, Runtime
-from . import compat
-from ..driftscope_core.prompts import TokenLayout
+from ..driftscope_core.prompts import SlotPrompt, TokenLayout
 from ..driftscope_core.sampling import Schedule
-from ..driftscope_core.text_encoder import ClipTextEncoder, TextEncoderConfig
+from . import compat
+from .families import ADAPTERS, FamilyAdapter, UnsupportedFamily, adapter_for
 
-SUPPORTED_FAMILIES = {"SD15": "SD1.x", "SD20": "SD2.x"}
 _ATTN2 = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.\d+\.transformer_blocks\.(\d+)\.attn2$")
 _BLOCK = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 
@@ -28,31 +29,28 @@ class InputError(ValueError):
 
 
 # -- models -------------------------------------------------------------------------------------
-def family_of(model, input_name: str) -> str:
-    """The model family's config class name; SD1.x and SD2.x are supported."""
-    name = type(model.model.model_config).__name__
-    if name not in SUPPORTED_FAMILIES:
-        raise InputError(
-            f"{input_name}: model family '{name}' is not supported yet. DriftScope audits SD1.x and "
-            "SD2.x checkpoints (SD15, SD20); load one of those."
-        )
-    return name
-
-
-def check_pair(base_model, adapted_model, base_clip, adapted_clip) -> str:
-    """Base and adapted must be the same architecture; returns the family."""
-    fam_b, fam_a = family_of(base_model, "base_model"), family_of(adapted_model, "adapted_model")
+def check_pair(base_model, adapted_model, base_clip, adapted_clip) -> FamilyAdapter:
+    """Base and adapted must be one family and one architecture, each CLIP that family's text
+    encoders at the model's context width; returns the family's adapter."""
+    try:
+        fam_b, fam_a = adapter_for(base_model, "base_model"), adapter_for(adapted_model, "adapted_model")
+        for name, clip in (("base_clip", base_clip), ("adapted_clip", adapted_clip)):
+            fam_b.encoders(clip, name)
+    except UnsupportedFamily as err:
+        raise InputError(str(err)) from err
     ctx_b = base_model.model.model_config.unet_config.get("context_dim")
     ctx_a = adapted_model.model.model_config.unet_config.get("context_dim")
-    if fam_b != fam_a or ctx_b != ctx_a:
+    cfg_b, cfg_a = (type(m.model.model_config).__name__ for m in (base_model, adapted_model))
+    if fam_b is not fam_a or cfg_b != cfg_a or ctx_b != ctx_a:
         raise InputError(
-            f"base_model ({fam_b}, context {ctx_b}) and adapted_model ({fam_a}, context {ctx_a}) are "
+            f"base_model ({cfg_b}, context {ctx_b}) and adapted_model ({cfg_a}, context {ctx_a}) are "
             "different architectures; compare an adaptation with the checkpoint it was made from."
         )
     for name, clip in (("base_clip", base_clip), ("adapted_clip", adapted_clip)):
-        width = _clip_inner(clip, name).transformer.text_model.embeddings.token_embedding.weight.shape[1]
+        width = sum(_embedding(clip, attr).weight.shape[1] for attr in fam_b.encoders(clip, name).values())
         if width != ctx_b:
-            raise InputError(f"{name}: text encoder width {width} does not match the model's context {ctx_b}; connect the CLIP of the same checkpoint.")
+            raise InputError(f"{name}: text encoder width {width} does not match the model's context {ctx_b}; "
+                             "connect the CLIP of the same checkpoint.")
     return fam_b
 
 
@@ -78,24 +76,40 @@ def release(*sides: ModelSide) -> None:
     """Take the gradient clones' identity wrappers off the torch modules they share with the input
     models (ComfyUI installs a patcher's weight wrappers on the modules when it loads it, and
     they stay there until it loads another patcher). ComfyUI's own entries stay."""
+    roots = []
     for side in sides:
-        for module in side.denoiser.patcher.model.modules():
+        if getattr(side.denoiser, "patcher", None) is not None:
+            roots.append(side.denoiser.patcher.model)
+        if getattr(side.text, "grad_clip", None) is not None:
+            roots.append(side.text.grad_clip.patcher.model)
+    for root in roots:
+        for module in root.modules():
             for attr in ("weight_function", "bias_function"):
                 functions = getattr(module, attr, None)
                 if functions:
                     setattr(module, attr, [f for f in functions if f is not _same])
 
 
-class ComfyDenoiser:
-    """The core's denoiser protocol on a ComfyUI MODEL: x0 from BaseModel.apply_model, with the
+class UNetDenoiser:
+    """The core's denoiser protocol on a ComfyUI UNet MODEL: x0 from BaseModel.apply_model, its
+    inputs built by the model's own extra_conds from the family's conditioning (as ComfyUI's
+    sampler builds them: SDXL's `y` from the pooled vector and the size embeddings), with the
     attention probe installed as an attn2 replacement on every cross-attention layer."""
 
-    def __init__(self, patcher):
-        self.patcher = patcher
+    def __init__(self, patcher, family: FamilyAdapter):
+        self.patcher, self.family = patcher, family
         unet = patcher.model.diffusion_model
         self.attn2_keys = [(_BLOCK[m[1]], int(m[2]), int(m[3])) for n, _ in unet.named_modules() if (m := _ATTN2.match(n))]
 
-    def __call__(self, x, sigma, context, attention_probe):
+    def model_inputs(self, x: torch.Tensor, cond: Conditioning) -> dict:
+        """apply_model's keyword arguments (c_crossattn, y, ...) for latents x (B, C, h, w)."""
+        kwargs = self.family.model_kwargs(cond.context, cond.extras)
+        # the pixel size ComfyUI's sampler passes (samplers.encode_model_conds: latent size x 8)
+        conds = self.patcher.model.extra_conds(device=x.device, noise=x, width=x.shape[3] * 8,
+                                               height=x.shape[2] * 8, **kwargs)
+        return {k: c.cond for k, c in conds.items()}
+
+    def __call__(self, x, sigma, cond: Conditioning, attention_probe):
         comfy.model_management.load_models_gpu([self.patcher])
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         if attention_probe is not None:
@@ -105,7 +119,7 @@ class ComfyDenoiser:
             patches = dict(options.get("patches_replace", {}))
             patches["attn2"] = {**patches.get("attn2", {}), **{key: replace for key in self.attn2_keys}}
             options["patches_replace"] = patches
-        return self.patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+        return self.patcher.model.apply_model(x, sigma, transformer_options=options, **self.model_inputs(x, cond))
 
 
 def check_memory(model, width: int, height: int, runtime: Runtime) -> None:
@@ -158,56 +172,115 @@ def schedule_of(model, scheduler: str, steps: int) -> Schedule:
 
 
 # -- text encoders -------------------------------------------------------------------------------
-def _clip_inner(clip, input_name: str):
-    cond = clip.cond_stage_model
-    inner = getattr(cond, getattr(cond, "clip", ""), None)
-    if inner is None or not hasattr(inner, "transformer"):
-        raise InputError(f"{input_name}: this CLIP ({type(cond).__name__}) is not an SD1.x/SD2.x text encoder.")
-    return inner
+def _embedding(clip, attr: str):
+    """The token-embedding module of the CLIP's text encoder `attr` (e.g. "clip_l")."""
+    return getattr(clip.cond_stage_model, attr).transformer.get_input_embeddings()
 
 
-def _tokenizer(clip):
-    tok = clip.tokenizer
-    return getattr(tok, tok.clip)
+def _layout(tokenizer) -> TokenLayout:
+    return TokenLayout(start=tokenizer.start_token, end=tokenizer.end_token, pad=tokenizer.pad_token,
+                       max_length=tokenizer.max_length)
 
 
-def _effective_layer(clip, inner, input_name: str) -> tuple[int | None, bool]:
-    """The layer ComfyUI reads out (CLIPSetLastLayer sets clip.layer_idx; newer loaders may
-    give a list, compat.clip_layer_index)."""
-    try:
-        idx = compat.clip_layer_index(clip.layer_idx)
-    except ValueError as err:
-        raise InputError(f"{input_name}: {err}; DriftScope reads one output layer. Use CLIP Set Last Layer "
-                         "to choose one.") from err
-    if idx is not None:
-        return (None if abs(idx) > inner.num_layers else idx), inner.layer_norm_hidden_state
-    layer, idx = inner.options_default[0], inner.options_default[1]
-    return (None if layer == "last" else idx), inner.layer_norm_hidden_state
+def grad_ready_clip(clip):
+    """A CLIP clone whose text encoders pass gradients to the slot rows: identity weight wrappers
+    on every weight (grad_ready_clone), patches kept, the input CLIP untouched."""
+    out = clip.clone()
+    out.patcher = grad_ready_clone(clip.patcher)
+    return out
 
 
-def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
-    """The dotted name of `module` inside `root`."""
-    return next(name for name, m in root.named_modules() if m is module)
+def _clone_saved(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
 
 
-def text_side(clip, input_name: str, device: torch.device) -> tuple[ClipTextEncoder, TokenLayout]:
-    """Copy the CLIP's patched text-encoder weights into the core's differentiable encoder."""
-    inner = _clip_inner(clip, input_name)
-    if inner.enable_attention_masks:
-        raise InputError(f"{input_name}: text encoders with attention masks are not supported yet.")
-    text_model = inner.transformer.text_model
-    prefix = _module_name(clip.cond_stage_model, text_model) + "."
-    patched = compat.patched_state_dict(clip.patcher)  # LoRA applied, the patcher left as it was
-    weights = {k[len(prefix):]: v.detach().to(device=device, dtype=torch.float32).clone()
-               for k, v in patched.items() if k.startswith(prefix)}
-    first = text_model.encoder.layers[0]
-    activation = next(k for k, f in comfy.clip_model.ACTIVATIONS.items() if f is first.mlp.activation)
-    output_layer, norm = _effective_layer(clip, inner, input_name)
-    config = TextEncoderConfig(num_layers=inner.num_layers, heads=first.self_attn.heads, activation=activation,
-                               output_layer=output_layer, norm_intermediate=norm)
-    tok = _tokenizer(clip)
-    layout = TokenLayout(start=tok.start_token, end=tok.end_token, pad=tok.pad_token, max_length=tok.max_length)
-    return ClipTextEncoder(weights, config), layout
+def _same_saved(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class ComfyText:
+    """The core's TextSide on a ComfyUI CLIP: the family's own text encoders, each called once per
+    batch of prompts (its SDClipModel.forward, as encode_token_weights calls it) with the slot's
+    positions given as the word's token ids or as embedding rows in ComfyUI's token list
+    ({"type": "embedding", "data": row}, families.md fact 1), then joined as the family joins
+    them. So the conditioning is ComfyUI's own, exactly, whatever the encoder's dtype, offloading
+    or patches (a LoRA), and nothing is copied.
+
+    Gradients (paper mode) run on `grad_clip` (grad_ready_clip) with saved tensors cloned,
+    because ComfyUI's text transformers add residuals in place."""
+
+    def __init__(self, clip, family: FamilyAdapter, input_name: str, grad_clip=None):
+        try:  # CLIPSetLastLayer's int, or a newer loader's list of one index (compat.clip_layer_index)
+            self.layer = compat.clip_layer_index(clip.layer_idx)
+        except ValueError as err:
+            raise InputError(f"{input_name}: {err}; DriftScope reads one output layer. Use CLIP Set Last Layer "
+                             "to choose one.") from err
+        self.clip, self.family, self.grad_clip = clip, family, grad_clip
+        self.encoders = family.encoders(clip, input_name)  # core name -> attribute
+        self.layouts = {name: _layout(getattr(clip.tokenizer, attr)) for name, attr in self.encoders.items()}
+        self._tables: dict[str, torch.Tensor] = {}
+
+    def _ready(self, clip):
+        """Set the CLIP's options and load it as CLIP.encode_from_tokens does; its device."""
+        model = clip.cond_stage_model
+        model.reset_clip_options()
+        if self.layer is not None:
+            model.set_clip_options({"layer": self.layer})
+        comfy.model_management.load_models_gpu([clip.patcher])
+        device = clip.patcher.load_device
+        model.set_clip_options({"execution_device": device})  # ComfyUI 0.3.75 ignores it
+        return device
+
+    def token_embedding(self, encoder: str) -> torch.Tensor:
+        """The encoder's token embeddings (V, D) as it computes them (patches applied), float32."""
+        if encoder not in self._tables:
+            with torch.no_grad():
+                device = self._ready(self.clip)
+                module = _embedding(self.clip, self.encoders[encoder])
+                ids = torch.arange(module.weight.shape[0], device=device)[None]  # (1, V)
+                self._tables[encoder] = module(ids, out_dtype=torch.float32)[0].detach()  # (V, D)
+        return self._tables[encoder]
+
+    @staticmethod
+    def _tokens(prompt: SlotPrompt) -> list:
+        """ComfyUI's token list for one encoder: ids, the slot as ids or one embedding entry per row."""
+        if isinstance(prompt.slot, tuple):
+            slot = list(prompt.slot)
+        else:
+            slot = [{"type": "embedding", "data": row[None]} for row in prompt.slot]  # each (1, D)
+        return [*prompt.head, *slot, *prompt.tail]
+
+    def encode(self, prompts: Sequence[Prompt]) -> Conditioning:
+        grad = torch.is_grad_enabled() and any(
+            torch.is_tensor(p.slot) and p.slot.requires_grad for prompt in prompts for p in prompt.values())
+        if grad and self.grad_clip is None:
+            raise RuntimeError("this text side was built without a gradient-ready clone")
+        clip = self.grad_clip if grad else self.clip
+        device = self._ready(clip)
+        hooks = (torch.autograd.graph.saved_tensors_hooks(_clone_saved, _same_saved) if grad
+                 else contextlib.nullcontext())
+        outputs = {}
+        with hooks, _device_context(device):
+            for name, attr in self.encoders.items():
+                outputs[name] = getattr(clip.cond_stage_model, attr)([self._tokens(p[name]) for p in prompts])
+        context, extras = self.family.combine(outputs)
+        return Conditioning(context, self._slot_mask(prompts, context), extras)
+
+    def _slot_mask(self, prompts: Sequence[Prompt], context: torch.Tensor) -> torch.Tensor:
+        """Slot mask (B, T): the families so far put every encoder's tokens at the same context
+        positions (side by side in width), so the first encoder's slot positions are the slot's."""
+        first = next(iter(self.encoders))
+        mask = torch.zeros(context.shape[:2], device=context.device)  # (B, T)
+        for row, prompt in enumerate(prompts):
+            span = prompt[first].slot_positions
+            mask[row, span.start : span.stop] = 1.0
+        return mask
+
+
+def _device_context(device):
+    """ComfyUI 0.33's cuda_device_context (encode_from_tokens runs under it), else nothing."""
+    enter = getattr(comfy.model_management, "cuda_device_context", None)
+    return enter(device) if enter is not None else contextlib.nullcontext()
 
 
 def same_text_encoder(a, b) -> bool:
@@ -230,9 +303,21 @@ def _same_value(u, v) -> bool:
     return u == v
 
 
-def tokenizer_functions(clip):
-    """(tokenize(text) -> BPE ids without start/end, BPE vocabulary dict, reserved ids)."""
-    tok = _tokenizer(clip)
+def clip_family(clip, input_name: str = "clip") -> FamilyAdapter:
+    """The adapter whose text encoders this CLIP has (for tools that hold a CLIP only)."""
+    for adapter in ADAPTERS:
+        try:
+            adapter.encoders(clip, input_name)
+            return adapter
+        except UnsupportedFamily:
+            continue
+    raise InputError(f"{input_name}: no supported model family reads this CLIP ({type(clip.cond_stage_model).__name__})")
+
+
+def tokenizer_functions(clip, family: FamilyAdapter | None = None):
+    """(tokenize(text) -> BPE ids without start/end, BPE vocabulary dict, reserved ids) of the
+    tokenizer every text encoder of the family reads (the family of the CLIP if not given)."""
+    tok = (family or clip_family(clip)).vocabulary_tokenizer(clip)
     hf = tok.tokenizer
 
     def tokenize(text: str) -> list[int]:
@@ -258,13 +343,15 @@ def runtime_for(precision: str, micro_batch: int, gradient_checkpointing: bool) 
                    gradient_checkpointing=gradient_checkpointing)
 
 
-def identity(model, clip) -> dict:
+def identity(model, clip, family: FamilyAdapter) -> dict:
     """What the report says about a model: family, dtype and a fingerprint of its patches."""
     keys = sorted(model.patches) + sorted(f"clip:{k}" for k in clip.patcher.patches)
     strengths = [round(float(p[0]), 6) for k in sorted(model.patches) for p in model.patches[k]]
     digest = hashlib.sha256(repr((keys, strengths)).encode()).hexdigest()[:16]
     return {
-        "family": type(model.model.model_config).__name__,
+        "family": family.name,
+        "model_config": type(model.model.model_config).__name__,
+        "prediction": model.model.model_type.name,
         "dtype": str(model.model.get_dtype()),
         "weight_patches": len(model.patches),
         "clip_weight_patches": len(clip.patcher.patches),
@@ -272,15 +359,17 @@ def identity(model, clip) -> dict:
     }
 
 
-def model_sides(base_model, base_clip, adapted_model, adapted_clip, runtime: Runtime, need_grad: bool):
-    """Both sides for the core; models are cloned (gradient-ready when needed), never modified."""
-    sides = []
-    for name, model, clip in (("base", base_model, base_clip), ("adapted", adapted_model, adapted_clip)):
-        if name == "adapted" and same_text_encoder(base_clip, adapted_clip):
-            encoder, layout = sides[0].text_encoder, sides[0].layout  # e.g. a LoRA without text-encoder keys
-        else:
-            encoder, layout = text_side(clip, f"{name}_clip", runtime.device)
-        # the base branch runs without gradients (method step 3)
-        patcher = grad_ready_clone(model) if need_grad and name == "adapted" else model.clone()
-        sides.append(ModelSide(name, encoder, layout, ComfyDenoiser(patcher)))
-    return sides
+def model_sides(family: FamilyAdapter, base_model, base_clip, adapted_model, adapted_clip, runtime: Runtime,
+                need_grad: bool) -> list[ModelSide]:
+    """Both sides for the core; models are cloned (gradient-ready where paper mode needs it: the
+    adapted side's UNet and text encoders), never modified."""
+    base_text = ComfyText(base_clip, family, "base_clip")
+    if same_text_encoder(base_clip, adapted_clip):  # e.g. a LoRA without text-encoder keys: one text side
+        adapted_text = base_text
+    else:
+        adapted_text = ComfyText(adapted_clip, family, "adapted_clip")
+    if need_grad:  # the base branch runs without gradients (method step 3)
+        adapted_text.grad_clip = grad_ready_clip(adapted_clip)
+    base = ModelSide("base", base_text, UNetDenoiser(base_model.clone(), family))
+    adapted_patcher = grad_ready_clone(adapted_model) if need_grad else adapted_model.clone()
+    return [base, ModelSide("adapted", adapted_text, UNetDenoiser(adapted_patcher, family))]

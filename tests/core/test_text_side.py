@@ -5,7 +5,7 @@ import torch
 from driftscope_core.prompts import PromptBuilder, TemplateError, parse_templates, tokenize_template
 from driftscope_core.soft_prompt import SoftPrompt, candidate_embeddings, gumbel_straight_through, slot_rows
 from driftscope_core.vocabulary import VocabularyError, build_vocabulary, from_bpe_vocab, from_words
-from toy_models import LAYOUT, toy_text_encoder, toy_tokenize
+from toy_models import LAYOUT, toy_text, toy_text_encoder, toy_tokenize
 
 
 def test_bpe_vocabulary_keeps_alphabetic_whole_words_without_stop_words():
@@ -45,14 +45,29 @@ def test_several_templates_one_per_line():
     assert parse_templates("a photo of a {}\n\n  a painting of {} , dark  \n") == ["a photo of a {}", "a painting of {} , dark"]
 
 
-def test_prompt_builder_places_the_word_and_masks_the_slot():
-    enc = toy_text_encoder()
+def test_prompt_builder_places_the_word_and_the_text_side_masks_the_slot():
+    text = toy_text()
     tpl = tokenize_template("a photo of a {} today", toy_tokenize, LAYOUT)
-    b = PromptBuilder(tpl, LAYOUT, enc.token_embedding)
-    seq, mask = b.embed_ids((150, 151))
-    ids = b.token_ids((150, 151))
-    assert torch.equal(seq, enc.token_embedding[torch.tensor(ids)])
-    assert mask.tolist() == [1.0 if i in (5, 6) else 0.0 for i in range(LAYOUT.max_length)]
+    b = PromptBuilder(tpl, LAYOUT)
+    prompt = b.prompt((150, 151))
+    ids = prompt.ids()
+    assert ids[:7] == [LAYOUT.start, *toy_tokenize("a photo of a"), 150, 151] and len(ids) == LAYOUT.max_length
+    assert ids[7:9] == [*toy_tokenize("today"), LAYOUT.end] and set(ids[9:]) == {LAYOUT.pad}
+    assert torch.equal(text.input_embeddings(prompt), text.encoder.token_embedding[torch.tensor(ids)])
+    cond = text.encode([{"clip": prompt}])
+    assert cond.slot_mask[0].tolist() == [1.0 if i in (5, 6) else 0.0 for i in range(LAYOUT.max_length)]
+
+
+def test_slot_rows_in_place_of_ids_give_the_same_conditioning_and_a_gradient():
+    text = toy_text()
+    b = PromptBuilder(tokenize_template("a photo of a {}", toy_tokenize, LAYOUT), LAYOUT)
+    rows = text.token_embedding("clip")[torch.tensor([150, 151])].clone().requires_grad_(True)  # (2, D)
+    by_rows = text.encode([{"clip": b.prompt(rows)}])
+    by_ids = text.encode([{"clip": b.prompt((150, 151))}])
+    assert torch.allclose(by_rows.context, by_ids.context, atol=1e-6)
+    assert torch.equal(by_rows.slot_mask, by_ids.slot_mask)
+    by_rows.context.abs().sum().backward()
+    assert torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
 
 
 def test_straight_through_sample_is_one_hot_with_finite_nonzero_gradient():

@@ -7,7 +7,7 @@ import torch
 
 from driftscope_core.models import ModelSide
 from driftscope_core.prompts import PromptBuilder, TokenLayout, tokenize_template
-from driftscope_core.text_encoder import ClipTextEncoder, TextEncoderConfig
+from driftscope_core.text_encoder import ClipText, ClipTextEncoder, TextEncoderConfig
 from driftscope_core.vocabulary import Vocabulary, from_words
 
 D, HEADS, INNER, VOCAB_SIZE = 128, 2, 16, 300
@@ -46,6 +46,11 @@ def toy_text_encoder(seed: int = 0) -> ClipTextEncoder:
     return ClipTextEncoder(w, TextEncoderConfig(num_layers=2, heads=HEADS))
 
 
+def toy_text(seed: int = 0) -> ClipText:
+    """The toy encoder as the core's text side (one encoder, named "clip")."""
+    return ClipText(toy_text_encoder(seed), LAYOUT)
+
+
 class ToyDenoiser:
     """x0 = x / (1 + sigma^2)^0.5 + W_o attention(x, context): one cross-attention layer at full
     resolution, which the attention probe observes. Counts its calls."""
@@ -58,8 +63,9 @@ class ToyDenoiser:
         self.wo = torch.randn(4, INNER, generator=g) * 0.3
         self.calls = 0
 
-    def __call__(self, x, sigma, context, attention_probe):
+    def __call__(self, x, sigma, cond, attention_probe):
         self.calls += 1
+        context = cond.context  # (B, T, D)
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, hw, C)
         q, k, v = tokens @ self.wq.T, context @ self.wk.T, context @ self.wv.T
@@ -72,14 +78,14 @@ class ToyDenoiser:
         delta = (out @ self.wo.T).transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
         return x / (1 + sigma.view(-1, 1, 1, 1) ** 2) ** 0.5 + delta
 
-    def planted(self, text: ClipTextEncoder, words: list[str], vocab_words: list[str], template: str,
+    def planted(self, text: ClipText, words: list[str], vocab_words: list[str], template: str,
                 strength: float = 3.0, lam: float = 100.0, seed: int = 5) -> "ToyDenoiser":
         """A copy whose key and value projections move the planted words' slot contexts and keep
         the other words' (closed form: min |dW C_e - T|^2 + lam |dW C_p|^2)."""
         tpl = tokenize_template(template, toy_tokenize, LAYOUT)
-        b = PromptBuilder(tpl, LAYOUT, text.token_embedding)
-        ctx = lambda wd: text.encode(b.embed_ids(toy_tokenize(wd))[0][None])[0]  # (T, D)  # noqa: E731
-        slot = b.slot_start
+        b = PromptBuilder(tpl, LAYOUT)
+        ctx = lambda wd: text.encode([{"clip": b.prompt(toy_tokenize(wd))}]).context[0]  # (T, D)  # noqa: E731
+        slot = len(b.head)
         ce = torch.stack([ctx(wd)[slot] for wd in words], dim=1)  # (D, n_edit): planted slots
         keep = [ctx(wd) for wd in vocab_words if wd not in words] + [torch.cat([c[:slot], c[slot + 1:]]) for c in map(ctx, words)]
         cp = torch.cat(keep).T  # (D, n_keep): every other position of every prompt
@@ -100,7 +106,7 @@ def toy_vocab(n: int = 60) -> Vocabulary:
 
 
 def toy_pair(planted=("w007", "w023", "w041"), n_words=60, template="a photo of a {}"):
-    text = toy_text_encoder()
+    text = toy_text()
     base = ToyDenoiser()
     adapted = base.planted(text, list(planted), WORDS[:n_words], template) if planted else base
-    return (ModelSide("base", text, LAYOUT, base), ModelSide("adapted", text, LAYOUT, adapted))
+    return (ModelSide("base", text, base), ModelSide("adapted", text, adapted))

@@ -25,8 +25,19 @@ def sd2(demo_models):
 
 
 # -- the text path ------------------------------------------------------------------------------
+def _patched_clip(clip):
+    """A clone with a LoRA-like patch on the text encoder's first MLP."""
+    clip = clip.clone()
+    key = next(k for k in clip.patcher.model.state_dict() if k.endswith("layers.0.mlp.fc1.weight"))
+    w = clip.patcher.model.state_dict()[key]
+    clip.add_patches({key: ("diff", (torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * 0.5,))}, 1.0)
+    return clip
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sd15_clip_skip", "sd15_patched_clip"])
-def test_differentiable_text_path_equals_comfyui(pack, demo_models, family):
+def test_text_side_is_comfyuis_encode_for_ids_and_for_slot_rows(pack, demo_models, family):
+    """The pack's conditioning of a batch of words equals ComfyUI's encode_from_tokens of each
+    filled prompt, with the word as token ids and as embedding rows in the token list."""
     host = pack.nodes.host
     core = pack.driftscope_core
     model, clip, _ = demo_models.tiny_sd2(0) if family == "sd2" else demo_models.tiny_sd15(0)
@@ -34,21 +45,50 @@ def test_differentiable_text_path_equals_comfyui(pack, demo_models, family):
         clip = clip.clone()
         clip.clip_layer(-2)  # what CLIPSetLastLayer does
     if family == "sd15_patched_clip":  # a LoRA-like patch on the text encoder must be seen
-        clip = clip.clone()
-        key = next(k for k in clip.patcher.model.state_dict() if k.endswith("layers.0.mlp.fc1.weight"))
-        w = clip.patcher.model.state_dict()[key]
-        clip.add_patches({key: ("diff", (torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * 0.5,))}, 1.0)
-    with torch.inference_mode(False):
-        encoder, layout = host.text_side(clip, "clip", torch.device("cpu"))
-        tokenize, _, _ = host.tokenizer_functions(clip)
-        tpl = core.prompts.tokenize_template(TEMPLATE, tokenize, layout)
-        builder = core.prompts.PromptBuilder(tpl, layout, encoder.token_embedding)
-        for word in ("tiger", "aquarium fish", "x"):
-            embeds, _ = builder.embed_ids(tokenize(word))
-            ours = encoder.encode(embeds[None])
-            theirs = clip.encode_from_tokens(clip.tokenize(TEMPLATE.format(word)))
-            assert ours.shape == theirs.shape
-            assert torch.allclose(ours, theirs.float(), atol=1e-5, rtol=1e-4), (ours - theirs).abs().max()
+        clip = _patched_clip(clip)
+    fam = host.check_pair(model, model, clip, clip)
+    words = ("tiger", "aquarium fish", "x")
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        text = host.ComfyText(clip, fam, "clip")
+        tokenize, _, _ = host.tokenizer_functions(clip, fam)
+        (name, layout), = text.layouts.items()
+        builder = core.prompts.PromptBuilder(core.prompts.tokenize_template(TEMPLATE, tokenize, layout), layout)
+        by_ids = text.encode([{name: builder.prompt(tokenize(w))} for w in words])
+        table = text.token_embedding(name)  # (V, D)
+        by_rows = text.encode([{name: builder.prompt(table[torch.tensor(tokenize(w))])} for w in words])
+        for i, word in enumerate(words):
+            theirs = clip.encode_from_tokens(clip.tokenize(TEMPLATE.format(word)))[0].float()  # (77, D)
+            assert by_ids.context[i].shape == theirs.shape
+            assert torch.allclose(by_ids.context[i], theirs, atol=1e-5, rtol=1e-4), (by_ids.context[i] - theirs).abs().max()
+            assert torch.allclose(by_rows.context[i], theirs, atol=1e-5, rtol=1e-4)
+            assert by_ids.slot_mask[i].nonzero().flatten().tolist() == list(range(5, 5 + len(tokenize(word))))
+
+
+def test_slot_rows_get_gradients_through_comfyuis_text_encoder(pack, sd15):
+    """Paper mode's path: through a gradient-ready clone of ComfyUI's encoder the slot rows get
+    the gradient a finite difference predicts, and the input CLIP stays as it was."""
+    host, core = pack.nodes.host, pack.driftscope_core
+    model, clip, _ = sd15
+    clip = _patched_clip(clip)
+    fam = host.check_pair(model, model, clip, clip)
+    with torch.inference_mode():
+        with torch.inference_mode(False), torch.enable_grad():
+            text = host.ComfyText(clip, fam, "clip", grad_clip=host.grad_ready_clip(clip))
+            tokenize, _, _ = host.tokenizer_functions(clip, fam)
+            (name, layout), = text.layouts.items()
+            builder = core.prompts.PromptBuilder(core.prompts.tokenize_template(TEMPLATE, tokenize, layout), layout)
+            rows = text.token_embedding(name)[torch.tensor(tokenize("tiger"))].clone().requires_grad_(True)  # (1, D)
+            context = text.encode([{name: builder.prompt(rows)}]).context  # (1, 77, D)
+            probe = torch.randn(context.shape, generator=torch.Generator().manual_seed(3))  # a fixed linear read-out
+            loss = (context * probe).sum()
+            (grad,) = torch.autograd.grad(loss, rows)
+            direction, h = grad / grad.norm(), 1e-2
+            with torch.no_grad():
+                f = [(text.encode([{name: builder.prompt(rows + s * h * direction)}]).context * probe).sum() for s in (1, -1)]
+            host.release(core.models.ModelSide("t", text, None))
+    assert torch.isfinite(grad).all() and grad.norm() > 0
+    finite_difference = float((f[0] - f[1]) / (2 * h))
+    assert finite_difference == pytest.approx(float(grad.norm()), rel=0.02)
 
 
 # -- finding planted drift ---------------------------------------------------------------------
@@ -74,10 +114,12 @@ def test_gradients_reach_the_soft_prompt_through_comfyui(pack, sd15, sd15_plante
     with torch.inference_mode():  # as ComfyUI runs nodes
         with torch.inference_mode(False), torch.enable_grad():
             runtime = host.runtime_for("auto", 4, False)
-            base, adapted = host.model_sides(model, clip, sd15_planted, clip, runtime, need_grad=True)
-            tokenize, bpe, reserved = host.tokenizer_functions(clip)
+            fam = host.check_pair(model, sd15_planted, clip, clip)
+            base, adapted = host.model_sides(fam, model, clip, sd15_planted, clip, runtime, need_grad=True)
+            tokenize, bpe, reserved = host.tokenizer_functions(clip, fam)
             vocab = core.vocabulary.from_words(WORDS, tokenize)
-            tpl = [core.prompts.tokenize_template(TEMPLATE, tokenize, base.layout)]
+            layout = next(iter(base.text.layouts.values()))
+            tpl = [core.prompts.tokenize_template(TEMPLATE, tokenize, layout)]
             sampling = core.meter.SamplingSettings(latent_shape=(4, 4, 4), kept_steps=2)
             meter = core.meter.DriftMeter(base, adapted, vocab, tpl, host.schedule_of(model, "normal", 10), sampling, runtime)
             logits = torch.zeros(len(vocab), requires_grad=True)

@@ -25,7 +25,7 @@ def oom_after(monkeypatch):
     """Make the n-th UNet call raise CUDA's out-of-memory error."""
     def arm(n):
         calls = {"n": 0}
-        real = host.ComfyDenoiser.__call__
+        real = host.UNetDenoiser.__call__
 
         def call(self, *args):
             calls["n"] += 1
@@ -33,7 +33,7 @@ def oom_after(monkeypatch):
                 raise torch.OutOfMemoryError(CUDA_OOM)
             return real(self, *args)
 
-        monkeypatch.setattr(host.ComfyDenoiser, "__call__", call)
+        monkeypatch.setattr(host.UNetDenoiser, "__call__", call)
     return arm
 
 
@@ -101,7 +101,7 @@ def test_an_audit_too_large_for_the_free_memory_is_refused_before_it_starts(pack
     micro_batch with a micro_batch that fits, before any model runs."""
     model, clip, adapted = models
     calls = []
-    monkeypatch.setattr(host.ComfyDenoiser, "__call__", lambda self, *a: calls.append(1))
+    monkeypatch.setattr(host.UNetDenoiser, "__call__", lambda self, *a: calls.append(1))
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 100 * 2**20)  # 100 MB free (a tiny model)
     with pytest.raises(host.InputError, match=r"width/height 512x512 with micro_batch 32.*micro_batch to \d+ or less"):
         audit(pack, model, clip, adapted, width=512, height=512, micro_batch=32)
@@ -115,7 +115,7 @@ def test_a_cpu_audit_past_1024x1024_is_refused_before_it_starts(pack, models, mo
     be cancelled while it runs: 10 s at 1024x1024 on this CPU, about 45 minutes at 4096x4096."""
     model, clip, adapted = models
     calls = []
-    monkeypatch.setattr(host.ComfyDenoiser, "__call__", lambda self, *a: calls.append(1))
+    monkeypatch.setattr(host.UNetDenoiser, "__call__", lambda self, *a: calls.append(1))
     for width, height in ((2048, 1024), (4096, 4096)):
         with pytest.raises(host.InputError, match=rf"width/height {width}x{height}: on a CPU.*GPU"):
             audit(pack, model, clip, adapted, width=width, height=height, micro_batch=1)

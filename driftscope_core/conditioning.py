@@ -1,0 +1,87 @@
+"""What the text side hands the denoiser, and how a prompt with an open slot reaches a text
+encoder.
+
+Method step 1 fills the template's slot; a model family may read the filled prompt with more
+than one text encoder (SDXL: CLIP-L and CLIP-G) and condition on more than one tensor (SDXL:
+the context and a pooled vector). The core never knows which family it runs: a prompt is one
+`SlotPrompt` per text encoder, and the host's text side (`TextSide`) turns a batch of them into a
+`Conditioning`, which says where the slot word sits in the model's own context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+
+from .prompts import SlotPrompt, TokenLayout
+
+
+Prompt = Mapping[str, SlotPrompt]  # text-encoder name -> its input
+
+
+@dataclass
+class Conditioning:
+    """A batch of B prompts as the denoiser takes them: the context (B, T, D), extra per-prompt
+    tensors by name (e.g. "pooled": (B, P)), and the slot word's positions in the context as a
+    mask (B, T) (all zeros for a prompt without a slot; a family that puts the prompt into its
+    context twice marks both places)."""
+
+    context: torch.Tensor  # (B, T, D)
+    slot_mask: torch.Tensor  # (B, T)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, ...)
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Conditioning":
+        return Conditioning(fn(self.context), fn(self.slot_mask), {k: fn(v) for k, v in self.extras.items()})
+
+    def rows(self, sl: slice) -> "Conditioning":
+        return self._map(lambda t: t[sl])
+
+    def expand(self, n: int) -> "Conditioning":
+        """A batch of one prompt, seen n times (no copy)."""
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        """Each prompt n times in a row (word-major, seed-minor)."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def float(self) -> "Conditioning":
+        return self._map(lambda t: t.float())
+
+    def detached_leaf(self) -> "Conditioning":
+        """A copy whose float tensors are fresh leaves that require grad (the slot mask not)."""
+        def leaf(t):
+            return t.detach().requires_grad_(True)
+        return Conditioning(leaf(self.context), self.slot_mask, {k: leaf(v) for k, v in self.extras.items()})
+
+    def differentiable(self) -> list[torch.Tensor]:
+        """The tensors a gradient flows through: context, then extras in name order."""
+        return [self.context, *(self.extras[k] for k in sorted(self.extras))]
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        first = parts[0]
+        return Conditioning(
+            torch.cat([p.context for p in parts]),
+            torch.cat([p.slot_mask for p in parts]),
+            {k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
+        )
+
+
+class TextSide(Protocol):
+    """One model side's text encoders as the core needs them (a host implements it with its own
+    encoders; text_encoder.ClipText is the plain-torch one the core's tests use)."""
+
+    layouts: Mapping[str, TokenLayout]  # text-encoder name -> its special tokens and length
+
+    def token_embedding(self, encoder: str) -> torch.Tensor:
+        """The encoder's token-embedding matrix (V, D), float32: the soft prompt's candidate rows."""
+        ...
+
+    def encode(self, prompts: Sequence[Prompt]) -> Conditioning:
+        """Conditioning of a batch of prompts, one model call per text encoder; differentiable in
+        the slot rows when they require grad."""
+        ...
