@@ -17,6 +17,8 @@ B. File-based demo models that ComfyUI's stock loaders accept, written under a m
      loras/driftscope_demo_planted.safetensors        the same edit as an exact kohya LoRA
      planted.json                                     what was planted (the ground truth)
    ensure_demo_models(models_dir) builds them once and reuses them while the version stamp holds.
+   sdxl_checkpoint_file(path) writes the smallest checkpoint CheckpointLoaderSimple detects as
+   SDXL (132M UNet, full-size random CLIP-L/G, TAESD; fp16, 1.9 GB; not built by the tests).
 
 The planted edit is a closed-form edit of the UNet's cross-attention key/value projections in
 the spirit of UCE (Gandikota et al., "Unified Concept Editing"): the keys and values of the
@@ -1018,6 +1020,58 @@ def build_demo_models(models_dir, log=print) -> dict:
             f" LoRA ranks {sorted(set(ranks.values()))};"
             f" {timings['total']:.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in timings.items() if k != 'total')})")
     return {"stats": stats, "timings": timings, "ranks": ranks}
+
+
+# --------------------------------------------------------------------------------------------
+# B'. the smallest SDXL checkpoint the stock loader detects (not part of the test suite)
+
+def sdxl_min_unet_config() -> dict:
+    """The smallest UNet comfy.model_detection still matches to supported_models.SDXL (SDXL's
+    widths and transformer depths: 320 channels, context 2048, adm 2816, depth [0,0,2,2,10,10],
+    64 channels per head), shrunk where detection does not look: channel_mult [1,1,1], no
+    transformers in the output blocks and no middle block (about 132M parameters)."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 1, 1],
+        "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_output": [0] * 9,
+        "transformer_depth_middle": -2, "use_linear_in_transformer": True, "context_dim": 2048,
+        "num_heads": -1, "num_head_channels": 64, "use_temporal_resblock": False, "use_temporal_attention": False,
+    }
+
+
+def sdxl_min_unet(seed: int = DEMO_SEED):
+    """The sdxl_min_unet_config UNet as an SDXL ModelPatcher, fp32 with fp16-representable weights."""
+    import comfy.supported_models
+    model = _make_unet(comfy.supported_models.SDXL, sdxl_min_unet_config(), seed)
+    _round_to_fp16_(model.model)
+    return model
+
+
+def sdxl_full_clip(seed: int = DEMO_SEED):
+    """SDXL's text encoders at their real sizes (CLIP-L 123M + CLIP-G 695M, ComfyUI's own configs:
+    CheckpointLoaderSimple needs them), random weights, fp16."""
+    import comfy.sdxl_clip
+    return _make_text_encoders(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel, {}, seed, torch.float16)
+
+
+def sdxl_checkpoint_file(path, seed: int = DEMO_SEED, log=print) -> dict:
+    """Write the smallest checkpoint the stock loader detects as SDXL (sdxl_min_unet, sdxl_full_clip,
+    a TAESD VAE; fp16, about 1.9 GB) to `path`.  Returns {"path", "bytes", "seconds": {"build", "save"}}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, clip = sdxl_min_unet(seed), sdxl_full_clip(seed)
+    t1 = time.perf_counter()
+    sd = checkpoint_state_dict(model, clip.get_sd(), taesd_state_dict(seed))
+    del model, clip
+    sd = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
+    _atomic_save(sd, path, metadata={"driftscope_demo": json.dumps({"family": "SDXL", "seed": seed})})
+    seconds = {"build": t1 - t0, "save": time.perf_counter() - t1}
+    if log is not None:
+        log(f"[demo_models] SDXL checkpoint {path.name}: {path.stat().st_size / 1e9:.2f} GB,"
+            f" build {seconds['build']:.1f}s, save {seconds['save']:.1f}s")
+    return {"path": path, "bytes": path.stat().st_size, "seconds": seconds}
 
 
 def _stamp_ok(paths: dict[str, Path]) -> bool:
