@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-quick clean
+.PHONY: setup demo test test-fast bench bench-quick bench-image-world clean
 
 setup:
 	bash scripts/setup.sh --browser
@@ -26,6 +26,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmarks/run.py --quick
+
+## Does the reported drift show in the images? A small trained world (issue 13, benchmarks/README.md).
+bench-image-world: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/image_world.py
 
 clean:
 	rm -rf .demo
