@@ -231,8 +231,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=CACHE_DIR)
     ap.add_argument("--comfy", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--candidates", type=int, default=None, help="random candidates per case instead of the "
+                                                                   "variant's (as run.py --candidates)")
     a = ap.parse_args(argv)
     variant = run.VARIANTS[a.variant]
+    if a.candidates is not None:
+        variant = run.with_candidates(variant, a.candidates)
     specs = [s for s in variant.specs if a.cases is None or s.name in a.cases.split(",")]
     env = environment.load(a.comfy, threads=a.threads)
     builder = case_lib.CaseBuilder(env, variant.candidates, resolution=variant.truth.width)
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
         if spec.is_null:
             continue  # null cases: no truth, or (identical) only for the words an audit reports
         case = builder.build(spec)
-        truth = measure(env, case, case.words, variant.truth, a.cache)
+        truth = measure(env, case, case.words, run.truth_settings(variant, spec.family), a.cache)
         t = run.truth_summary(case, truth, case.words)
         print(f"[truth] {case.name}: {len(truth.per_seed)} words cached in {truth.path.name}; "
               f"top 5 {[r['token'] for r in t['top20'][:5]]}, targets' ranks {t['targets_rank']}, "

@@ -83,10 +83,13 @@ VARIANTS = {
     # about 3 CPU-hours of audits, plus about 45 minutes per truth not yet cached: one SD1.5
     # model seed of every kind and an SD2.x planted case; paper mode (25-30 CPU-minutes per
     # audit here, most of the total) on the planted cases only
-    "medium": Variant("medium", _specs(["sd15"], [0], case_lib.KINDS) + _specs(["sd2"], [0], ["planted"]), candidates=2000,
+    # SDXL (64 px, cases.FAMILY_RESOLUTION): a planted case and the diffuse null
+    "medium": Variant("medium", _specs(["sd15"], [0], case_lib.KINDS) + _specs(["sd2"], [0], ["planted"])
+                      + _specs(["sdxl"], [0], ["planted", "null_diffuse"]), candidates=2000,
                       only_kinds={"paper": ("planted",)},
-                      note="SD1.5 model seed 0, all four kinds, and an SD2.x (v-prediction) planted case; 2,000 random "
-                           "candidates + targets; paper mode on the planted cases only"),
+                      note="SD1.5 model seed 0, all four kinds, an SD2.x (v-prediction) planted case, and SDXL "
+                           "planted and diffuse-null cases (64 px); 2,000 random candidates + targets; paper mode "
+                           "on the planted cases only"),
     # the issue's benchmark: two model seeds of SD1.5 and an SD2.x pair; paper mode on the adapted
     # (non-null) cases only
     "full": Variant("full", _specs(["sd15"], [0, 1], case_lib.KINDS) + _specs(["sd2"], [0], ["planted", "null_identical"]),
@@ -160,17 +163,46 @@ def resolve_modes(env, requested: Sequence[str] | None) -> list[str]:
     return out
 
 
-def audit_settings(env, mode: str, seed: int) -> dict:
-    """The overrides an audit of `mode` runs with (only names AuditSettings knows)."""
+def family_size(family: str | None) -> dict:
+    """width and height of a family's audits (cases.FAMILY_RESOLUTION, else COMMON's)."""
+    if family is None:
+        return {}
+    size = case_lib.family_resolution(family, COMMON["width"])
+    return {"width": size, "height": size}
+
+
+def audit_settings(env, mode: str, seed: int, family: str | None = None) -> dict:
+    """The overrides an audit of `mode` runs with (only names AuditSettings knows); `family`
+    sets its width and height (family_size)."""
     known = {f.name for f in fields(env.core.settings.AuditSettings)}
-    wanted = {**COMMON, **MODE_SETTINGS.get(mode, {}), "seed": seed}
+    wanted = {**COMMON, **MODE_SETTINGS.get(mode, {}), **family_size(family), "seed": seed}
     return {k: v for k, v in wanted.items() if k in known}
+
+
+def truth_settings(variant: Variant, family: str) -> ground_truth.TruthSettings:
+    """The variant's truth settings at the family's pixel size (cases.FAMILY_RESOLUTION)."""
+    size = case_lib.family_resolution(family, variant.truth.width)
+    return replace(variant.truth, width=size, height=size)
+
+
+def with_candidates(variant: Variant, candidates: int) -> Variant:
+    """`variant` on `candidates` random candidates (+ targets) instead of its own count: a
+    labelled stand-in where its truth does not fit the time at hand. Its name says so
+    (e.g. medium-c400), so its results never pass for the variant's."""
+    return replace(variant, name=f"{variant.name}-c{candidates}", candidates=candidates,
+                   note=f"{variant.note}; REDUCED to {candidates:,} random candidates + targets by --candidates")
+
+
+def variant_order(name: str) -> list[str]:
+    """Case names of the variant called `name` (or of the one it was reduced from), in order."""
+    base = VARIANTS.get(name) or VARIANTS.get(name.rsplit("-c", 1)[0])
+    return [s.name for s in base.specs] if base else []
 
 
 def run_one_audit(env, case, mode: str, seed: int) -> dict:
     import torch
 
-    overrides = audit_settings(env, mode, seed)
+    overrides = audit_settings(env, mode, seed, case.spec.family)
     t = time.perf_counter()
     with PeakMemory() as mem, torch.inference_mode():  # ComfyUI runs nodes in inference mode
         report = env.pack.nodes.audit.audit_models(
@@ -422,7 +454,8 @@ def run_benchmark(env, variant: Variant, modes: Sequence[str] | None = None, out
         else:
             scored = sorted(reported | set(case.words))
         t = time.perf_counter()
-        truth = ground_truth.measure(env, case, scored, variant.truth, cache_dir, log, refine=not spec.is_null)
+        truth = ground_truth.measure(env, case, scored, truth_settings(variant, spec.family), cache_dir, log,
+                                     refine=not spec.is_null)
         results["seconds"]["truth_this_run"] += time.perf_counter() - t
         tsum = truth_summary(case, truth, scored) if scored else None
         truth_ok = tsum is not None and not tsum["degenerate"]
@@ -504,7 +537,7 @@ def merge(parts: Sequence[dict]) -> dict:
     ran = {m for p in parts for m in p["modes"]}
     modes = [m for m in dict.fromkeys(m for p in parts for m in p.get("mode_order", p["modes"])) if m in ran]
     cases = {n: {**c, **{k: {m: c[k][m] for m in modes if m in c[k]} for k in PER_MODE}} for n, c in cases.items()}
-    order = [s.name for s in VARIANTS[first["variant"]].specs]
+    order = variant_order(first["variant"])
     latest = max(parts, key=lambda p: p["date"])  # its machine, commit and settings head the table
     merged = {**latest, "cases": sorted(cases.values(), key=lambda c: order.index(c["name"]) if c["name"] in order else len(order)),
               "modes": modes,
@@ -568,6 +601,10 @@ def markdown(results: dict) -> str:
     for mode, st in seen.items():
         keys = SHOWN_SETTINGS + SHOWN_FOR_MODE.get(mode, tuple(k for k in st if k not in SHOWN_SETTINGS))
         lines.append(f"- `{mode}`: " + ", ".join(f"{k} {st[k]}" for k in keys if k in st and k != "mode"))
+    sizes = sorted({(c["family"], case_lib.family_resolution(c["family"], COMMON["width"])) for c in results["cases"]
+                    if c["family"] in case_lib.FAMILY_RESOLUTION})
+    if sizes:
+        lines += ["", "Per family: " + "; ".join(f"{f} cases at {px}x{px} px (audits and truth)" for f, px in sizes) + "."]
     lines += ["", "Ground truth (every candidate, exhaustive; cached):", "",
               "| case | candidates | targets in truth top 10 | truth top 5 | truth self-agreement @10 | "
               f"truth @10 with {' / '.join(map(str, AGREEMENT_SEEDS))} seeds per word | truth UNet fwd | truth s |",
@@ -619,6 +656,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md "
                                                            "(default: benchmarks/results/<variant>)")
     ap.add_argument("--cases", default=None, help="comma-separated case names to run (default: all of the variant's)")
+    ap.add_argument("--candidates", type=int, default=None,
+                    help="random candidates per case instead of the variant's (a labelled stand-in: the run is "
+                         "named <variant>-c<N> and writes to benchmarks/results/<variant>-c<N>/ by default)")
     ap.add_argument("--cache", type=Path, default=ground_truth.CACHE_DIR, help="ground-truth cache folder")
     ap.add_argument("--comfy", default=None, help=f"ComfyUI folder (default: ${environment.COMFY_ENV} or .comfyui/ComfyUI)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings)")
@@ -649,6 +689,8 @@ def main(argv=None) -> int:
         print(markdown(results))
         return 0
     variant = VARIANTS["quick" if a.quick else "medium" if a.medium else "full"]
+    if a.candidates is not None:
+        variant = with_candidates(variant, a.candidates)
     env = environment.load(a.comfy, threads=a.threads)
     modes = a.modes.split(",") if a.modes else None
     if a.cases:
