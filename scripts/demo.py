@@ -7,6 +7,10 @@ table and where the report and the evidence grid were written, and stops the ser
 
     python scripts/demo.py [--workflow lora_side_effects|checkpoint_vs_checkpoint] [--work-dir .demo]
 
+`--workflow sdxl_lora_side_effects` runs the SDXL twin instead, on a checkpoint the stock loader
+detects as SDXL and a kohya SDXL LoRA with the planted edit (scripts/demo_sdxl_models.py; 1.9 GB,
+built once into <work-dir>/sdxl/models, never by default), auditing 20 custom words.
+
 Exit status 0 when the planted words are the top 3, 1 otherwise.
 """
 from __future__ import annotations
@@ -30,7 +34,10 @@ DEMO_FILES = {
                           "2": {"lora_name": "driftscope_demo_planted.safetensors"}},
     "checkpoint_vs_checkpoint": {"1": {"ckpt_name": "driftscope_demo_base.safetensors"},
                                  "2": {"ckpt_name": "driftscope_demo_adapted.safetensors"}},
+    "sdxl_lora_side_effects": {"1": {"ckpt_name": "driftscope_demo_sdxl.safetensors"},
+                               "2": {"lora_name": "driftscope_demo_sdxl_planted.safetensors"}},
 }
+SDXL_WORKFLOWS = {"sdxl_lora_side_effects"}  # their demo files: ensure_sdxl_models, in <work-dir>/sdxl
 DEMO_AUDIT = {"preset": "quick", "width": 64, "height": 64, "micro_batch": 32}
 DEMO_GRID = {"steps": 8}
 
@@ -41,9 +48,16 @@ def demo_overrides(prompt: dict, workflow: str = "lora_side_effects") -> dict:
     for node_id, inputs in DEMO_FILES[workflow].items():
         out[node_id]["inputs"].update(inputs)
     out[AUDIT]["inputs"].update(DEMO_AUDIT)
+    grid = dict(DEMO_GRID)
+    if workflow in SDXL_WORKFLOWS:
+        # SDXL's CLIP-G costs ~1.7 s a prompt on a CPU: the demo's own 20 words, not cifar100;
+        # the evidence at the audit's 64 px instead of the workflow's 1024.
+        import demo_sdxl_models  # scripts/demo_sdxl_models.py, next to this file
+        out[AUDIT]["inputs"].update(vocabulary="custom", custom_words="\n".join(demo_sdxl_models.SDXL_WORDS))
+        grid.update(width=0, height=0)
     for node in out.values():
         if node["class_type"] == "DriftScopeEvidenceGrid":
-            node["inputs"].update(DEMO_GRID)
+            node["inputs"].update(grid)
     return out
 
 
@@ -56,13 +70,23 @@ def ensure_models(models_dir: Path) -> dict:
     return json.loads((models_dir / "planted.json").read_text())
 
 
+def ensure_sdxl_models(models_dir: Path) -> dict:
+    """Generate the SDXL demo checkpoint and LoRA (once; stamped like the others)."""
+    import comfy_server as harness  # scripts/comfy_server.py, next to this file
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_sdxl_models.py"), "--comfy", str(harness.default_comfy_dir()),
+                    "--out", str(models_dir)], check=True)
+    return json.loads((models_dir / "sdxl_planted.json").read_text())
+
+
 def run_demo(workflow: str, work_dir: Path, timeout: float = 1200.0) -> int:
     import comfy_server as harness  # scripts/comfy_server.py, next to this file
 
     comfy_dir = harness.default_comfy_dir()  # DRIFTSCOPE_COMFYUI, else .comfyui/ComfyUI (0.33.0)
-    base_dir = work_dir / "comfy"
+    sdxl = workflow in SDXL_WORKFLOWS
+    base_dir = work_dir / ("sdxl" if sdxl else "comfy")
     t0 = time.perf_counter()
-    planted = ensure_models(base_dir / "models")
+    planted = (ensure_sdxl_models if sdxl else ensure_models)(base_dir / "models")
     t_models = time.perf_counter() - t0
     prompt = demo_overrides(harness.load_api_workflow(ROOT / "workflows" / "api" / f"{workflow}.json"), workflow)
     with harness.ComfyServer(comfy_dir, base_directory=base_dir) as server:
