@@ -185,17 +185,23 @@ def truth_settings(variant: Variant, family: str) -> ground_truth.TruthSettings:
     return replace(variant.truth, width=size, height=size)
 
 
-def with_candidates(variant: Variant, candidates: int) -> Variant:
-    """`variant` on `candidates` random candidates (+ targets) instead of its own count: a
-    labelled stand-in where its truth does not fit the time at hand. Its name says so
-    (e.g. medium-c400), so its results never pass for the variant's."""
-    return replace(variant, name=f"{variant.name}-c{candidates}", candidates=candidates,
-                   note=f"{variant.note}; REDUCED to {candidates:,} random candidates + targets by --candidates")
+def with_candidates(variant: Variant, candidates: int, refine_top: int | None = None) -> Variant:
+    """`variant` on `candidates` random candidates (+ targets) instead of its own count, and its
+    truth's refined top `refine_top` words (None: the variant's): a labelled stand-in where its
+    truth does not fit the time at hand. Its name says so (e.g. medium-c150-r20), so its results
+    never pass for the variant's."""
+    name, note = f"{variant.name}-c{candidates}", f"{candidates:,} random candidates + targets"
+    truth = variant.truth
+    if refine_top is not None:
+        name, note = f"{name}-r{refine_top}", f"{note}, truth refined on its top {refine_top}"
+        truth = replace(truth, refine_top=refine_top)
+    return replace(variant, name=name, candidates=candidates, truth=truth,
+                   note=f"{variant.note}; REDUCED to {note} by --candidates/--refine-top")
 
 
 def variant_order(name: str) -> list[str]:
     """Case names of the variant called `name` (or of the one it was reduced from), in order."""
-    base = VARIANTS.get(name) or VARIANTS.get(name.rsplit("-c", 1)[0])
+    base = VARIANTS.get(name) or VARIANTS.get(name.split("-c", 1)[0])
     return [s.name for s in base.specs] if base else []
 
 
@@ -659,6 +665,8 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", type=int, default=None,
                     help="random candidates per case instead of the variant's (a labelled stand-in: the run is "
                          "named <variant>-c<N> and writes to benchmarks/results/<variant>-c<N>/ by default)")
+    ap.add_argument("--refine-top", type=int, default=None,
+                    help="with --candidates: the truth's top words measured on more seeds (default: the variant's)")
     ap.add_argument("--cache", type=Path, default=ground_truth.CACHE_DIR, help="ground-truth cache folder")
     ap.add_argument("--comfy", default=None, help=f"ComfyUI folder (default: ${environment.COMFY_ENV} or .comfyui/ComfyUI)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings)")
@@ -690,7 +698,7 @@ def main(argv=None) -> int:
         return 0
     variant = VARIANTS["quick" if a.quick else "medium" if a.medium else "full"]
     if a.candidates is not None:
-        variant = with_candidates(variant, a.candidates)
+        variant = with_candidates(variant, a.candidates, a.refine_top)
     env = environment.load(a.comfy, threads=a.threads)
     modes = a.modes.split(",") if a.modes else None
     if a.cases:

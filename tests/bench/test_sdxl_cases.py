@@ -71,3 +71,6 @@ def test_a_reduced_variant_is_named_so():
     reduced = run.with_candidates(run.VARIANTS["medium"], 300)
     assert reduced.name == "medium-c300" and reduced.candidates == 300 and "REDUCED" in reduced.note
     assert run.variant_order("medium-c300") == [s.name for s in run.VARIANTS["medium"].specs]
+    refined = run.with_candidates(run.VARIANTS["medium"], 150, refine_top=20)
+    assert refined.name == "medium-c150-r20" and refined.truth.refine_top == 20
+    assert run.variant_order(refined.name) == run.variant_order("medium")
