@@ -26,7 +26,6 @@ Trained bases and classifiers are cached under benchmarks/cache/image_world/ (gi
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -204,7 +203,9 @@ def train_classifier(world: World, variant: Variant, use_cache: bool, log) -> tu
     first = variant.teaching["images_per_word"]  # draws after the teaching's own
     train_x, train_y = real_images(world, variant, first, s["train"])
     test_x, test_y = real_images(world, variant, first + s["train"], s["test"])
-    clf = Classifier(len(world.words))
+    with torch.random.fork_rng():  # a seeded initialization: every process trains the same classifier
+        torch.manual_seed(variant.model_seed)
+        clf = Classifier(len(world.words))
     key = _digest([CODE_VERSION, "classifier", s, world.words, variant.size, variant.model_seed,
                    float(train_x.sum()), float(test_x.sum())])
     path = CACHE / f"classifier-{key}.pt"
@@ -368,7 +369,9 @@ def finetune(world: World, loss_fn: Callable, steps: int, lr: float, trainable: 
     import comfy.model_management
 
     comfy.model_management.unload_all_models()  # the stored weights, no loaded patch applied in place
-    work = copy.deepcopy(world.model.model)
+    stored = world.model.model
+    work = type(stored)(stored.model_config, model_type=stored.model_type)  # a fresh copy (BaseModel does not deepcopy)
+    work.load_state_dict(stored.state_dict())
     before = {n: p.detach().clone() for n, p in work.diffusion_model.named_parameters()}
     g = torch.Generator().manual_seed(seed)
     losses = []
