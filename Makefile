@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-quick bench-image-world clean
+.PHONY: setup demo test test-fast test-sdxl bench bench-quick bench-image-world clean
 
 setup:
 	bash scripts/setup.sh --browser
@@ -19,6 +19,12 @@ test: setup
 ## Core and in-process node tests only (no server, no browser).
 test-fast: setup
 	PYTEST_ARGS="tests/core tests/nodes $(PYTEST_ARGS)" DRIFTSCOPE_VERSIONS=0.33.0 bash scripts/run_tests.sh
+
+## workflows/sdxl_lora_side_effects.json through a live server on a checkpoint the stock loader
+## detects as SDXL and a kohya SDXL LoRA with a planted edit (1.9 GB, built once into .demo/sdxl),
+## on both ComfyUI versions. Minutes and GBs on a CPU, so not in `make test` (README).
+test-sdxl: setup
+	DRIFTSCOPE_SDXL_LIVE=1 PYTEST_ARGS="tests/live/test_sdxl_workflow.py -s $(PYTEST_ARGS)" bash scripts/run_tests.sh
 
 ## Accuracy and cost of every search mode against exhaustive ground truth (benchmarks/README.md).
 bench: setup
