@@ -53,13 +53,17 @@ def main() -> None:
     env = environment.load(threads=1)
     base, clip, _ = env.demo_models.tiny_sdxl(0)
     adapted = env.demo_models.planted_edit_in_process(base, clip, PLANTED, WORDS, TEMPLATE)
-    rows = [audit_at(env, base, clip, adapted, int(s)) for s in args.sizes.split(",")]
+    rows = []
+    for size in args.sizes.split(","):  # each row as soon as it is measured
+        rows.append(audit_at(env, base, clip, adapted, int(size)))
+        row = rows[-1]
+        print(f"{row['size']:>5} px: {row['seconds']:7.1f} s, {row['unet_per_model']:,} UNet and "
+              f"{row['text_per_model']:,} text evaluations per model, peak RSS {row['peak_rss_mb']:,} MB, planted ranks "
+              f"{row['planted_ranks']}, top 10 {row['top10']}", flush=True)
     reference = set(rows[-1]["top10"])
     for row in rows:
         row["top10_overlap_with_largest"] = len(reference & set(row["top10"])) / 10
-        print(f"{row['size']:>5} px: {row['seconds']:7.1f} s, {row['unet_per_model']:,} UNet and "
-              f"{row['text_per_model']:,} text evaluations per model, peak RSS {row['peak_rss_mb']:,} MB, planted ranks "
-              f"{row['planted_ranks']}, top-10 overlap with {rows[-1]['size']} px {row['top10_overlap_with_largest']:.1f}")
+        print(f"{row['size']:>5} px: top-10 overlap with {rows[-1]['size']} px {row['top10_overlap_with_largest']:.1f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
