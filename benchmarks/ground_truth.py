@@ -147,7 +147,7 @@ class _Measurer:
         self.base, self.adapted = host.model_sides(family, case.base_model, case.base_clip, case.adapted_model,
                                                    case.adapted_clip, self.runtime, need_grad=False)
         self.tokenize, _, _ = host.tokenizer_functions(case.base_clip, family)
-        layout = min(self.base.text.layouts.values(), key=lambda lay: lay.max_length)
+        layout = core.conditioning.shortest_layout(self.base.text)
         self.templates = [core.prompts.tokenize_template(settings.template, self.tokenize, layout)]
         self.schedule = host.schedule_of(case.base_model, settings.scheduler, settings.schedule_steps)
         channels = case.base_model.model.latent_format.latent_channels

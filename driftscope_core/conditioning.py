@@ -71,6 +71,29 @@ class Conditioning:
         )
 
 
+def needs_grad(prompts: Sequence[Prompt]) -> bool:
+    """True when a gradient is recorded and some prompt's slot is rows that require grad (the
+    soft prompt of method step 2)."""
+    return torch.is_grad_enabled() and any(
+        torch.is_tensor(p.slot) and p.slot.requires_grad for prompt in prompts for p in prompt.values())
+
+
+def slot_mask(prompts: Sequence[Prompt], encoder: str, length: int, device=None) -> torch.Tensor:
+    """Slot mask (B, length) from encoder `encoder`'s slot positions, for a text side whose
+    context keeps that encoder's token positions."""
+    mask = torch.zeros(len(prompts), length, device=device)  # (B, T)
+    for row, prompt in enumerate(prompts):
+        span = prompt[encoder].slot_positions
+        mask[row, span.start : span.stop] = 1.0
+    return mask
+
+
+def shortest_layout(text: "TextSide") -> TokenLayout:
+    """The layout of the text side's shortest encoder: a template that leaves room for a word
+    there leaves room in every encoder."""
+    return min(text.layouts.values(), key=lambda lay: lay.max_length)
+
+
 class TextSide(Protocol):
     """One model side's text encoders as the core needs them (a host implements it with its own
     encoders; text_encoder.ClipText is the plain-torch one the core's tests use)."""

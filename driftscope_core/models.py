@@ -13,8 +13,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .conditioning import Conditioning, Prompt, TextSide
-from .prompts import SlotPrompt
+from .conditioning import Conditioning, Prompt, TextSide, needs_grad
+from .prompts import PromptBuilder, Template
 
 
 class Denoiser(Protocol):
@@ -82,7 +82,7 @@ class ModelSide:
         """Conditioning of a batch of prompts, computed by the host's text encoders as it would
         compute them (no autocast: the text side is exact by construction)."""
         self.counts.text_forward += len(prompts)
-        if torch.is_grad_enabled() and any(_has_grad(p) for p in prompts):
+        if needs_grad(prompts):
             self._pending_text += len(prompts)
         return self.text.encode(prompts).float()
 
@@ -108,12 +108,7 @@ class ModelSide:
 
     def empty_prompt(self) -> Conditioning:
         """Conditioning (1, ...) of the empty prompt, the unconditional branch of guidance."""
-        prompt = {}
-        for name, lay in self.text.layouts.items():
-            prompt[name] = SlotPrompt((lay.start,), (), (lay.end,) + (lay.pad,) * (lay.max_length - 2))
+        empty = Template("{}", (), ())
+        prompt = {name: PromptBuilder(empty, lay).prompt(()) for name, lay in self.text.layouts.items()}
         with torch.no_grad():
             return self.encode([prompt])
-
-
-def _has_grad(prompt: Prompt) -> bool:
-    return any(torch.is_tensor(p.slot) and p.slot.requires_grad for p in prompt.values())

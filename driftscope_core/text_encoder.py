@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .conditioning import Conditioning, Prompt
+from .conditioning import Conditioning, Prompt, slot_mask
 from .prompts import SlotPrompt, TokenLayout
 
 ACTIVATIONS = {
@@ -114,9 +114,5 @@ class ClipText:
         return torch.cat([ids(prompt.head), slot, ids(prompt.tail)])  # (T, D)
 
     def encode(self, prompts: Sequence[Prompt]) -> Conditioning:
-        ours = [p[self.name] for p in prompts]
-        embeds = torch.stack([self.input_embeddings(p) for p in ours])  # (B, T, D)
-        mask = torch.zeros(embeds.shape[:2], device=embeds.device)  # (B, T)
-        for row, p in enumerate(ours):
-            mask[row, p.slot_positions.start : p.slot_positions.stop] = 1.0
-        return Conditioning(self.encoder.encode(embeds), mask)
+        embeds = torch.stack([self.input_embeddings(p[self.name]) for p in prompts])  # (B, T, D)
+        return Conditioning(self.encoder.encode(embeds), slot_mask(prompts, self.name, embeds.shape[1], embeds.device))

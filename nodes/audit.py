@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 import comfy.samplers
 
 from ..driftscope_core.audit import MAX_EVALUATIONS, planned_cost, run_audit, words_that_fit
+from ..driftscope_core.conditioning import shortest_layout
 from ..driftscope_core.models import Runtime
 from ..driftscope_core.objective import OBJECTIVES
 from ..driftscope_core.prompts import parse_templates, tokenize_template
@@ -45,7 +46,7 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
         base, adapted = host.model_sides(family, base_model, base_clip, adapted_model, adapted_clip, runtime,
                                          need_grad=audit_settings.mode == "paper")
         try:
-            layout = min(base.text.layouts.values(), key=lambda lay: lay.max_length)  # room for the word in every encoder
+            layout = shortest_layout(base.text)
             tpls = [tokenize_template(t, tokenize, layout, word_tokens=vocab.max_tokens) for t in template_texts]
             schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
             return run_audit(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -13,7 +13,7 @@ import comfy.model_management
 import comfy.samplers
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..driftscope_core.conditioning import Conditioning, Prompt
+from ..driftscope_core.conditioning import Conditioning, Prompt, needs_grad, slot_mask
 from ..driftscope_core.models import ModelSide, Runtime
 from ..driftscope_core.prompts import SlotPrompt, TokenLayout
 from ..driftscope_core.sampling import Schedule
@@ -251,8 +251,7 @@ class ComfyText:
         return [*prompt.head, *slot, *prompt.tail]
 
     def encode(self, prompts: Sequence[Prompt]) -> Conditioning:
-        grad = torch.is_grad_enabled() and any(
-            torch.is_tensor(p.slot) and p.slot.requires_grad for prompt in prompts for p in prompt.values())
+        grad = needs_grad(prompts)
         if grad and self.grad_clip is None:
             raise RuntimeError("this text side was built without a gradient-ready clone")
         clip = self.grad_clip if grad else self.clip
@@ -264,17 +263,10 @@ class ComfyText:
             for name, attr in self.encoders.items():
                 outputs[name] = getattr(clip.cond_stage_model, attr)([self._tokens(p[name]) for p in prompts])
         context, extras = self.family.combine(outputs)
-        return Conditioning(context, self._slot_mask(prompts, context), extras)
-
-    def _slot_mask(self, prompts: Sequence[Prompt], context: torch.Tensor) -> torch.Tensor:
-        """Slot mask (B, T): the families so far put every encoder's tokens at the same context
-        positions (side by side in width), so the first encoder's slot positions are the slot's."""
-        first = next(iter(self.encoders))
-        mask = torch.zeros(context.shape[:2], device=context.device)  # (B, T)
-        for row, prompt in enumerate(prompts):
-            span = prompt[first].slot_positions
-            mask[row, span.start : span.stop] = 1.0
-        return mask
+        # the families so far put every encoder's tokens at the same context positions (side by
+        # side in width), so the first encoder's slot positions are the slot's
+        mask = slot_mask(prompts, next(iter(self.encoders)), context.shape[1], context.device)
+        return Conditioning(context, mask, extras)
 
 
 def _device_context(device):
