@@ -1,10 +1,15 @@
-"""Cross-attention maps of the slot token.
+"""Attention maps of the slot token.
 
 Method step 4: the drift compares where each model's image attends to the slot word. For every
 cross-attention layer at the highest resolution that has cross-attention, the probe computes
 attention probabilities explicitly, keeps the slot token's map for the conditional rows, and
 returns the attention output so the model's forward pass continues unchanged. Other layers are
 left to the host.
+
+Joint-attention models (Flux, Chroma and the other DiTs) have no cross-attention: text and
+image tokens attend together over one sequence [text | image]. There the slot word's map is the
+image-query rows of that joint softmax at the slot's key columns (`joint_slot_map`); the host
+keeps computing the attention output with its own kernel, and the probe only reads q and k.
 """
 from __future__ import annotations
 
@@ -38,6 +43,36 @@ def slot_map(probs: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
     return per_head.mean(dim=1)
 
 
+JOINT_CHUNK_ELEMENTS = 1 << 25  # attention scores held at once by joint_slot_map (128 MB in float32)
+
+
+def joint_slot_map(q: torch.Tensor, k: torch.Tensor, slot_mask: torch.Tensor,
+                   chunk_elements: int = JOINT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The slot word's map (Bc, N) in a joint attention over [text (T) | image (N)] tokens:
+    the softmax over all T + N keys of each image query, taken at the slot's key columns,
+    averaged over the slot's tokens (slot_mask (Bc, T)) and over heads. q, k are (B, H, L, dh)
+    as the host's attention receives them (position encoding applied), L = T + N; only the
+    first Bc rows (the conditional branch) are read. Computed a few heads and query rows at a
+    time, so a 1024 px Flux block (4,096 image queries) never holds its full score matrix."""
+    bc, t = slot_mask.shape
+    b, heads, length, dh = q.shape
+    weights = slot_mask.to(device=q.device, dtype=torch.float32)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)  # (Bc, T)
+    queries = length - t
+    rows = max(1, min(queries, chunk_elements // max(1, bc * length)))  # query rows per chunk, one head at a time
+    keys = k[:bc].float()  # (Bc, H, L, dh)
+    parts = []
+    for start in range(0, queries, rows):
+        stop = min(start + rows, queries)
+        acc = 0.0
+        for h in range(heads):
+            qi = q[:bc, h, t + start : t + stop].float()  # (Bc, n, dh) image queries
+            probs = torch.softmax(qi @ keys[:, h].transpose(-1, -2) * dh**-0.5, dim=-1)  # (Bc, n, L)
+            acc = acc + torch.einsum("bnt,bt->bn", probs[..., :t], weights)  # (Bc, n)
+        parts.append(acc / heads)
+    return torch.cat(parts, dim=1)  # (Bc, N)
+
+
 class SlotAttentionProbe:
     """Callable handed to a denoiser: `probe(q, k, v, heads)` returns the attention output for
     layers it records and None for the others (the host then runs its own attention).
@@ -68,11 +103,22 @@ class SlotAttentionProbe:
         self.maps.append(slot_map(probs[:rows], self.slot_mask.to(probs.device)))
         return attend(probs, v).to(q.dtype)
 
+    def joint(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Record one joint-attention call (q, k (B, H, T + N, dh), text tokens first); the host
+        computes the output itself. The resolution rule is the same as for cross-attention
+        (the number of image queries); the host decides which blocks it hands over."""
+        queries = q.shape[2] - self.slot_mask.shape[1]
+        if queries < self.resolution:
+            return
+        if queries > self.resolution:
+            self.resolution, self.maps = queries, []
+        self.maps.append(joint_slot_map(q, k, self.slot_mask))
+
     def stacked(self) -> torch.Tensor:
         """Recorded maps (Bc, L, Q) over the L recorded layers."""
         if not self.maps:
             raise RuntimeError(
-                "no cross-attention layer was observed; this model family is not supported by the "
+                "no cross-attention or joint-attention layer was observed; this model family is not supported by the "
                 "'attention' objective (use 'prediction')"
             )
         return torch.stack(self.maps, dim=1)

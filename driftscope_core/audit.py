@@ -266,5 +266,6 @@ def _entries(vocab, findings, drifts, baseline: Baseline, null_drifts, threshold
             significant=bool(flagged),
             direction=direction,
             search_drift=f.search_drift,
+            encoder_token_ids={name: list(ids) for name, ids in vocab[f.index].encoder_ids},
         ))
     return entries

@@ -78,13 +78,21 @@ def needs_grad(prompts: Sequence[Prompt]) -> bool:
         torch.is_tensor(p.slot) and p.slot.requires_grad for prompt in prompts for p in prompt.values())
 
 
-def slot_mask(prompts: Sequence[Prompt], encoder: str, length: int, device=None) -> torch.Tensor:
-    """Slot mask (B, length) from encoder `encoder`'s slot positions, for a text side whose
-    context keeps that encoder's token positions."""
+ContextParts = Sequence[tuple[str, int]]  # (text-encoder name, first context row its tokens fill)
+
+
+def slot_mask(prompts: Sequence[Prompt], parts: str | ContextParts, length: int, device=None) -> torch.Tensor:
+    """Slot mask (B, length): where the slot word's tokens sit in the model's context. `parts`
+    says which encoders' token positions the context rows are, from which row: SD1.x and SDXL
+    ("l", 0) (SDXL's CLIP-G outputs sit beside CLIP-L's in width, same rows), Flux ("t5", 0)
+    (CLIP-L gives only the pooled vector), SD3 ("l", 0) and ("t5", 77) (the slot twice). A
+    single name means that encoder from row 0."""
+    parts = [(parts, 0)] if isinstance(parts, str) else parts
     mask = torch.zeros(len(prompts), length, device=device)  # (B, T)
     for row, prompt in enumerate(prompts):
-        span = prompt[encoder].slot_positions
-        mask[row, span.start : span.stop] = 1.0
+        for encoder, offset in parts:
+            span = prompt[encoder].slot_positions
+            mask[row, offset + span.start : offset + span.stop] = 1.0
     return mask
 
 

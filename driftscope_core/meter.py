@@ -48,7 +48,8 @@ class _SideState:
 
     def __init__(self, side: ModelSide, vocab: Vocabulary, templates: list[Template]):
         self.side, self.vocab = side, vocab
-        self.builders = [{name: PromptBuilder(t, lay) for name, lay in side.text.layouts.items()} for t in templates]
+        self.builders = [{name: PromptBuilder(t.for_encoder(name), lay) for name, lay in side.text.layouts.items()}
+                         for t in templates]
         self.uncond = side.empty_prompt()  # 1 prompt
         self.cache: dict[tuple[int, int], Conditioning] = {}  # (template, word) -> 1 prompt
 
@@ -56,8 +57,8 @@ class _SideState:
         """Template `t_idx` for every text encoder, its slot filled with the word's token ids
         (`word`) or with rows per encoder (`slots`, the soft prompt)."""
         if word is not None:
-            ids = self.vocab[word].token_ids
-            return {name: b.prompt(ids) for name, b in self.builders[t_idx].items()}
+            cand = self.vocab[word]
+            return {name: b.prompt(cand.ids(name)) for name, b in self.builders[t_idx].items()}
         return {name: b.prompt(slots[name]) for name, b in self.builders[t_idx].items()}
 
     @cached_property
@@ -65,7 +66,7 @@ class _SideState:
         """Per text encoder, padded candidate rows (C, L, D) and lengths (C,), for the soft
         prompt only: built on first use, since a long list's rows take time and memory that
         scoring never needs."""
-        return {name: candidate_embeddings(self.vocab, self.side.text.token_embedding(name))
+        return {name: candidate_embeddings(self.vocab, self.side.text.token_embedding(name), name)
                 for name in self.side.text.layouts}
 
     def slot_rows(self, one_hot: torch.Tensor) -> dict[str, torch.Tensor]:

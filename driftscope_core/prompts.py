@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -25,24 +25,40 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Special tokens and length of a CLIP-style text encoder's input."""
+    """Special tokens and length of a text encoder's input: CLIP's start ... end pad..., or a
+    T5's ... end pad... (start None)."""
 
-    start: int = 49406
+    start: int | None = 49406
     end: int = 49407
-    pad: int = 49407  # SD1.x pads with the end token, SD2.x with 0
-    max_length: int = 77
+    pad: int = 49407  # SD1.x pads with the end token, SD2.x with 0, T5 with 0
+    max_length: int = 77  # the padded length (Flux's T5: at least 256)
+
+    @property
+    def specials(self) -> int:
+        """Start and end tokens a prompt carries."""
+        return 1 + (self.start is not None)
 
 
 @dataclass(frozen=True)
 class Template:
-    """A parsed template: BPE ids before and after the slot (no start/end tokens)."""
+    """A parsed template: token ids before and after the slot (no start/end tokens) in the
+    vocabulary's tokenizer, and (encoder, prefix, suffix) for every text encoder whose
+    tokenizer differs (Flux's T5)."""
 
     text: str
     prefix_ids: tuple[int, ...]
     suffix_ids: tuple[int, ...]
+    encoder_ids: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
 
     def fill(self, word: str) -> str:
         return self.text.replace(SLOT, word)
+
+    def for_encoder(self, encoder: str) -> "Template":
+        """The template as text encoder `encoder` reads it."""
+        for name, prefix, suffix in self.encoder_ids:
+            if name == encoder:
+                return Template(self.text, prefix, suffix)
+        return self
 
 
 def check_template(text: str, where: str = "templates") -> None:
@@ -96,7 +112,7 @@ def tokenize_template(text: str, tokenize: Callable[[str], list[int]], layout: T
     before, after = text.split(SLOT)
     prefix = tuple(tokenize(before)) if before.strip() else ()
     suffix = tuple(tokenize(after)) if after.strip() else ()
-    room = layout.max_length - 2 - len(prefix) - len(suffix)
+    room = layout.max_length - layout.specials - len(prefix) - len(suffix)
     if room < word_tokens:
         raise TemplateError(
             f"templates: template {quoted(text)} is too long: its {len(prefix) + len(suffix)} tokens leave room "
@@ -106,11 +122,22 @@ def tokenize_template(text: str, tokenize: Callable[[str], list[int]], layout: T
     return Template(text, prefix, suffix)
 
 
+def tokenize_template_per_encoder(text: str, encoders: Mapping[str, tuple[Callable[[str], list[int]], TokenLayout, int]]
+                                  ) -> Template:
+    """Method step 1 for a family whose text encoders use different tokenizers: the template
+    tokenized by each (encoder -> (tokenize, layout, the longest word's tokens there)); the
+    first encoder's ids are the template's own."""
+    parts = {name: tokenize_template(text, tok, layout, word_tokens) for name, (tok, layout, word_tokens) in encoders.items()}
+    first = next(iter(parts.values()))
+    return Template(text, first.prefix_ids, first.suffix_ids,
+                    tuple((name, t.prefix_ids, t.suffix_ids) for name, t in parts.items()))
+
+
 @dataclass(frozen=True)
 class SlotPrompt:
     """One prompt as one text encoder's input: token ids around the slot, and the slot itself,
     either the word's token ids (exact, no gradient) or its embedding rows (the soft prompt's
-    input, method step 2). `head` starts with the start token; `tail` ends with padding, so
+    input, method step 2). `head` starts with the start token (if any); `tail` ends with padding, so
     len(head) + slot length + len(tail) is the encoder's length."""
 
     head: tuple[int, ...]
@@ -144,7 +171,8 @@ class PromptBuilder:
 
     @property
     def head(self) -> tuple[int, ...]:
-        return (self.layout.start, *self.template.prefix_ids)
+        start = () if self.layout.start is None else (self.layout.start,)
+        return (*start, *self.template.prefix_ids)
 
     def room(self) -> int:
         """How many slot tokens fit."""

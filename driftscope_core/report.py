@@ -44,6 +44,7 @@ class ReportEntry:
     significant: bool
     direction: str  # "most" or "least"
     search_drift: float  # what the search measured (its own seeds)
+    encoder_token_ids: dict[str, list[int]] = field(default_factory=dict)  # ids in encoders with their own tokenizer (Flux's T5)
 
 
 @dataclass

@@ -23,6 +23,7 @@ class AuditSettings:
     schedule_steps: int = 50
     kept_steps: int = 4
     cfg: float = 7.5
+    guidance: float | None = None  # a guidance-distilled model's guidance input (Flux dev: 3.5), given to the host's model
     noise_batch: int = 4  # noise samples per evaluation during the search
     # screen mode: first-step, conditional-branch proxy for every word, then full finalists
     screen_seeds: int = 1  # proxy seeds for every word

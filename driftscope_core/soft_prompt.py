@@ -22,13 +22,16 @@ def gumbel_straight_through(logits: torch.Tensor, tau: float, generator: torch.G
     return hard - soft.detach() + soft
 
 
-def candidate_embeddings(vocab: Vocabulary, token_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded per-candidate slot rows (C, L, D) with zeros past each word's length, and lengths (C,)."""
-    c, l = len(vocab), vocab.max_tokens
+def candidate_embeddings(vocab: Vocabulary, token_embedding: torch.Tensor, encoder: str = ""
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded per-candidate slot rows (C, L, D) of text encoder `encoder` (its own token ids
+    of each word), zeros past each word's length, and lengths (C,)."""
+    words = [cand.ids(encoder) for cand in vocab.candidates]
+    c, l = len(vocab), max(len(w) for w in words)
     ids = torch.zeros(c, l, dtype=torch.long)
-    lengths = torch.tensor([len(cand.token_ids) for cand in vocab.candidates])
-    for i, cand in enumerate(vocab.candidates):
-        ids[i, : len(cand.token_ids)] = torch.tensor(cand.token_ids)
+    lengths = torch.tensor([len(w) for w in words])
+    for i, w in enumerate(words):
+        ids[i, : len(w)] = torch.tensor(w)
     rows = token_embedding[ids.to(token_embedding.device)].float()  # (C, L, D)
     valid = torch.arange(l)[None, :] < lengths[:, None]  # (C, L)
     return rows * valid[..., None].to(rows.device), lengths

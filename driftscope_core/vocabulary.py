@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
 from .concepts import BUILTIN_LISTS, load_concept_list, load_stopwords
@@ -36,10 +36,20 @@ class VocabularyError(ValueError):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One word the slot can hold, with the BPE token ids it becomes (one or more)."""
+    """One word the slot can hold, with the token ids it becomes (one or more) in the
+    vocabulary's tokenizer, and in every other text encoder whose tokenizer differs (Flux's T5
+    splits one CLIP word into several pieces): (encoder name, ids) pairs."""
 
     text: str
     token_ids: tuple[int, ...]
+    encoder_ids: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def ids(self, encoder: str) -> tuple[int, ...]:
+        """The word's ids in text encoder `encoder` (the vocabulary tokenizer's where none are set)."""
+        for name, ids in self.encoder_ids:
+            if name == encoder:
+                return ids
+        return self.token_ids
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,27 @@ class Vocabulary:
     @property
     def max_tokens(self) -> int:
         return max(len(c.token_ids) for c in self.candidates)
+
+    def max_tokens_for(self, encoder: str) -> int:
+        """The longest word in text encoder `encoder`'s tokens (the room a template must leave)."""
+        return max(len(c.ids(encoder)) for c in self.candidates)
+
+    def with_encoder_ids(self, encoder: str, tokenize: Callable[[str], list[int]], reserved_ids: Iterable[int] = (),
+                         max_tokens: int = 16, tokenizer_name: str = "") -> "Vocabulary":
+        """The same words with their ids in a second tokenizer (a text encoder that does not read
+        the vocabulary tokenizer's ids). Candidates are words in every tokenizer the family
+        uses: a word that this tokenizer turns into nothing, a reserved (e.g. unknown) token or
+        more than `max_tokens` pieces is dropped; none left is an error."""
+        reserved = set(reserved_ids)
+        kept = []
+        for cand in self.candidates:
+            ids = tuple(int(t) for t in tokenize(cand.text))
+            if ids and not reserved.intersection(ids) and len(ids) <= max_tokens:
+                kept.append(replace(cand, encoder_ids=(*cand.encoder_ids, (encoder, ids))))
+        if not kept:
+            raise VocabularyError(f"vocabulary '{self.name}': none of its words is in the {tokenizer_name or encoder} "
+                                  "tokenizer's vocabulary; give words in plain letters")
+        return Vocabulary(self.name, tuple(kept))
 
     def index_of(self, text: str) -> int:
         for i, c in enumerate(self.candidates):
