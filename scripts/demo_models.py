@@ -10,6 +10,10 @@ A. In-process tiny components for fast tests (fp32, a few seconds to build):
      tiny_sdxl(seed, prediction="eps"|"v") -> the same for SDXL (comfy.model_base.SDXL, clip_l +
                                                 clip_g), eps or v-prediction
 
+   tiny_flux(seed, variant="dev"|"schnell"), tiny_chroma(seed) -> the same for Flux.1 and Chroma
+                                                (ComfyUI's own model classes and model sampling,
+                                                tiny CLIP-L + T5 / T5 only, a 16-channel TAESD VAE)
+
 B. File-based demo models that ComfyUI's stock loaders accept, written under a models folder:
      checkpoints/driftscope_demo_base.safetensors     smallest SD1.5-detectable UNet,
                                                       random CLIP-L-shaped text encoder, TAESD
@@ -37,7 +41,9 @@ outputs at chosen token positions), encode_conditioning (ComfyUI's cond of whole
 planted edit's vectors for SDXL), load_vocabulary.  SDXL files as people share them:
 sdxl_kohya_lora_state_dict (kohya LoRA, UNet + lora_te1_/lora_te2_), lokr_state_dict (LyCORIS
 LoKr on the cross-attention), write_sdxl_loras (both as safetensors); sdxl_adapted_clip (a CLIP
-that differs from the base's).
+that differs from the base's).  Flux.1 / Chroma (section C): t5_slot_positions, flux_euler (a
+truncated Euler sampling), flux_txt_qkv_inputs, flux_planted_edit (the planted edit of the double
+blocks' text keys/values), flux_lora_state_dict / write_flux_lora (it as a kohya-style Flux LoRA).
 
 CLI:  python scripts/demo_models.py --comfy PATH/TO/ComfyUI --out PATH/TO/models
           [--force] [--verify | --no-verify]
@@ -1158,6 +1164,469 @@ def verify_demo_models(paths: dict, log=print) -> dict:
     if max_err > 1e-3 * max(1.0, moved) or not unchanged:
         raise AssertionError(f"demo model verification failed: {result}")
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# C. Flux.1 and Chroma
+
+# ComfyUI's T5-XXL class at tiny size (2 heads x 32, 2 layers); Flux's CLIP-L gives only the
+# pooled vector, TINY_CLIP_L_CONFIG's 64 (vec_in_dim).
+TINY_T5_CONFIG = {"d_model": 64, "d_ff": 128, "num_heads": 2, "d_kv": 32, "num_layers": 2}
+T5_TOKEN_STD = 1.0
+T5_RELATIVE_BIAS_STD = 0.1
+# Flux.1 at tiny size: hidden 64 = 2 heads x 32 (axes_dim adds up to 32), two double blocks and
+# one single block.  guidance_embed is set by the variant.
+TINY_FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64,
+                    "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+                    "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+                    "qkv_bias": True}
+# Chroma: Flux blocks without vector_in and modulation, the modulations come from the "distilled
+# guidance" approximator: input 16 (timestep) + 16 (guidance) + 32 (modulation index) = 64 wide,
+# output hidden_size wide.  in/out_channels are the patchified 16 x 2 x 2.
+TINY_CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64,
+                      "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 1,
+                      "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+                      "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 2}
+# Newer ComfyUI params dataclasses require fields older ones do not have (0.33: txt_ids_dims for
+# Flux, txt_ids_dims and vec_in_dim for Chroma): their values for a plain Flux.1 / Chroma.
+_DIT_FIELD_DEFAULTS = {"txt_ids_dims": [], "vec_in_dim": None}
+# RMSNorm scales (QK norms; Chroma's approximator norms are added per layer): "scale" of 0.3.75's
+# flux RMSNorm, "weight" of comfy.ops.RMSNorm in newer versions.
+_DIT_SCALARS = {"scale": 1.0, "_norm.weight": 1.0}
+FLUX_LATENT_CHANNELS = 16
+# The adaLN modulation layers of the tiny DiTs (Flux: img_mod/txt_mod/modulation .lin, Chroma:
+# the approximator's output) start at this fraction of init_parameters_' scale.
+FLUX_MODULATION_GAIN = 0.25
+_MODULATION_MODULE = re.compile(r"(_mod\.lin|^single_blocks\.\d+\.modulation\.lin|distilled_guidance_layer\.out_proj)$")
+# The planted edit on Flux's double blocks (see uce_delta): the planted tokens' keys/values are
+# pushed by FLUX_STRENGTH times their norm; the preserve set (every token of 100 prompts at three
+# sigmas, about 77k vectors, against one edit vector per planted token) needs a far smaller lam
+# than the UNet edit's.  Measured on tiny_flux with the CIFAR-100 vocabulary: a 2-step sampling
+# (FLUX_SIGMAS) changes by 1.0-2.0% for the planted words and 0.2-0.8% for held-out ones
+# (swapping the word for another changes it by 3-4%); seeds 1, 2 and schnell alike.
+FLUX_STRENGTH = 12.0
+FLUX_LAM = 0.02
+FLUX_EPS = 0.1
+FLUX_PAD_PROMPTS = None  # the padding of every preserved prompt joins the preserve set
+FLUX_SIGMAS = (1.0, 0.75, 0.5)
+
+
+def _seeded_text_side(tokenizer_cls, clip_cls, options: dict, seed: int, dtype):
+    """A comfy.sd.CLIP of (tokenizer_cls, clip_cls) built with `options` as model_options,
+    every CLIP and T5 parameter seeded (token and position embeddings as _make_text_encoders,
+    T5's shared embedding and relative attention bias, T5's RMS norms at 1)."""
+    import comfy.sd
+    import comfy.supported_models_base
+    target = comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, **options})
+    init_parameters_(clip.cond_stage_model, _generator(seed, 2), gain=CLIP_LAYER_GAIN,
+                     embedding_std={"token_embedding.weight": CLIP_TOKEN_STD,
+                                    "position_embedding.weight": CLIP_POSITION_STD,
+                                    "shared.weight": T5_TOKEN_STD,
+                                    "relative_attention_bias.weight": T5_RELATIVE_BIAS_STD},
+                     scalars={"logit_scale": math.log(100.0), "layer_norm.weight": 1.0})
+    return clip
+
+
+def tiny_flux_clip(seed: int = 0, dtype=torch.float32):
+    """Flux.1's text side at tiny size: comfy.text_encoders.flux's FluxTokenizer and FluxClipModel
+    (CLIP-L for the pooled vector, T5-XXL for the context; T5 has no start token, end 1, pad 0,
+    at least 256 tokens), CLIP-L 2 layers x 64 and T5 2 layers x 64 (TINY_T5_CONFIG), seeded.
+    encode_from_tokens(..., return_dict=True) gives cond [1, 256, 64] and pooled_output [1, 64].
+    The same model_options work on ComfyUI 0.3.75 and 0.33."""
+    import comfy.text_encoders.flux
+    options = {"clip_l_model_config": dict(TINY_CLIP_L_CONFIG), "t5xxl_model_config": dict(TINY_T5_CONFIG)}
+    return _seeded_text_side(comfy.text_encoders.flux.FluxTokenizer,
+                             comfy.text_encoders.flux.flux_clip(dtype_t5=dtype), options, seed, dtype)
+
+
+def tiny_chroma_clip(seed: int = 0, dtype=torch.float32):
+    """Chroma's text side at tiny size, as supported_models.Chroma.clip_target builds it:
+    comfy.text_encoders.pixart_t5's PixArtTokenizer (T5 pieces and the end token, no padding)
+    and pixart_te (T5 only, no pooled vector), T5 as TINY_T5_CONFIG, seeded."""
+    import comfy.text_encoders.pixart_t5
+    options = {"t5xxl_model_config": dict(TINY_T5_CONFIG)}
+    return _seeded_text_side(comfy.text_encoders.pixart_t5.PixArtTokenizer,
+                             comfy.text_encoders.pixart_t5.pixart_te(dtype_t5=dtype), options, seed, dtype)
+
+
+def _dit_config(params_cls, cfg: dict) -> dict:
+    """`cfg` with the fields this ComfyUI's params dataclass requires and `cfg` lacks filled from
+    _DIT_FIELD_DEFAULTS (the dataclass is built from the config's keys, so none may be extra)."""
+    import dataclasses
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    out = {k: v for k, v in cfg.items() if k == "image_model" or k in fields}
+    extra = sorted(set(cfg) - set(out))
+    if extra:
+        raise ValueError(f"{params_cls.__name__} has no fields {extra}")
+    for name, field in fields.items():
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if name not in out and required:
+            if name not in _DIT_FIELD_DEFAULTS:
+                raise ValueError(f"no value for {params_cls.__name__}.{name}")
+            out[name] = _DIT_FIELD_DEFAULTS[name]
+    return out
+
+
+@torch.no_grad()
+def _shape_dit_init_(dit: torch.nn.Module, generator: torch.Generator) -> None:
+    """Two changes to init_parameters_' Gaussian init of a Flux/Chroma DiT that keep different
+    words apart at the text stream's qkv inputs: txt_in gets orthonormal columns (norm-preserving,
+    where a square Gaussian matrix squeezes the T5 outputs' spread), and the adaLN modulation
+    layers are scaled by FLUX_MODULATION_GAIN (trained DiTs start from zero modulation; at full
+    gain the per-channel scales weigh a few channels far above the rest).  Measured on tiny_flux:
+    the participation ratio of 100 words' qkv inputs rises from 18 to 34 of 64, and in a 2-step
+    sampling the planted edit changes held-out words by about 0.3 of what it changes the planted
+    ones, down from 0.7."""
+    w = dit.txt_in.weight
+    tall = w.shape[0] >= w.shape[1]
+    g = torch.randn(w.shape if tall else w.shape[::-1], generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r))
+    w.copy_((q if tall else q.T).to(w.dtype))
+    for name, module in dit.named_modules():
+        if _MODULATION_MODULE.search(name):
+            module.weight.mul_(FLUX_MODULATION_GAIN)
+
+
+def _make_dit(config_cls, cfg: dict, seed: int, scalars: dict | None = None):
+    """A ModelPatcher around `config_cls`'s own model (its get_model: model_base class, model type
+    and model_sampling as a loaded checkpoint gets them), fp32, seeded weights (init_parameters_
+    with _DIT_SCALARS and `scalars`, then _shape_dit_init_)."""
+    model_config = config_cls(cfg)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    init_parameters_(base.diffusion_model, _generator(seed, 1), scalars={**_DIT_SCALARS, **(scalars or {})})
+    _shape_dit_init_(base.diffusion_model, _generator(seed, 9))
+    return _model_patcher(base)
+
+
+def taef1_state_dict(seed: int = 0) -> dict:
+    """State dict of a TAESD-architecture VAE with 16 latent channels (the "taef1" layout,
+    about 2.4M parameters; comfy.sd.VAE builds any AutoencoderKL state dict with SD's fixed
+    widths, 128 channels x [1, 2, 4, 4], about 84M, so this is the smallest 16-channel VAE it
+    accepts), random weights from `seed`.  comfy.sd.VAE reads the latent channels from
+    "taesd_decoder.1.weight"."""
+    import comfy.taesd.taesd
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=FLUX_LATENT_CHANNELS)
+    init_parameters_(taesd, _generator(seed, 3), scalars={"vae_scale": 1.0, "vae_shift": 0.0})
+    return {k: v.detach().clone() for k, v in taesd.state_dict().items()}
+
+
+def tiny_flux_vae(seed: int = 0):
+    """A comfy.sd.VAE for Flux latents (16 channels, taef1_state_dict), fp32."""
+    import comfy.sd
+    return comfy.sd.VAE(sd=taef1_state_dict(seed), dtype=torch.float32)
+
+
+def tiny_flux(seed: int = 0, variant: str = "dev"):
+    """Tiny Flux.1: (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE).
+
+    variant "dev": comfy.supported_models.Flux (guidance_embed True; a comfy.model_base.Flux with
+    ModelType.FLUX and ModelSamplingFlux, shift 1.15), "schnell": FluxSchnell (guidance_embed
+    False; ComfyUI gives it ModelType.FLOW with ModelSamplingDiscreteFlow, shift 1.0).  The DiT is
+    TINY_FLUX_CONFIG (0.43M parameters for dev), the text side tiny_flux_clip, the VAE
+    tiny_flux_vae; fp32, all from `seed`."""
+    import comfy.ldm.flux.model
+    import comfy.supported_models
+    variants = {"dev": (comfy.supported_models.Flux, True), "schnell": (comfy.supported_models.FluxSchnell, False)}
+    if variant not in variants:
+        raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
+    config_cls, guidance = variants[variant]
+    cfg = _dit_config(comfy.ldm.flux.model.FluxParams, dict(TINY_FLUX_CONFIG, guidance_embed=guidance))
+    return _make_dit(config_cls, cfg, seed), tiny_flux_clip(seed), tiny_flux_vae(seed)
+
+
+def tiny_chroma(seed: int = 0):
+    """Tiny Chroma: (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE) from comfy.supported_models.Chroma
+    (a comfy.model_base.Chroma, a subclass of model_base.Flux: test for it first), the DiT as
+    TINY_CHROMA_CONFIG, tiny_chroma_clip (T5 only) and tiny_flux_vae; fp32, from `seed`.  Its
+    extra_conds put guidance 0 unless told otherwise."""
+    import comfy.ldm.chroma.model
+    import comfy.supported_models
+    cfg = _dit_config(comfy.ldm.chroma.model.ChromaParams, TINY_CHROMA_CONFIG)
+    norms = {f"distilled_guidance_layer.norms.{i}.{name}": 1.0
+             for i in range(cfg["n_layers"]) for name in ("weight", "scale")}
+    model = _make_dit(comfy.supported_models.Chroma, cfg, seed, norms)
+    return model, tiny_chroma_clip(seed), tiny_flux_vae(seed)
+
+
+# -- token positions and conditioning ---------------------------------------------------------
+
+def _t5_ids(clip, text: str) -> list[int]:
+    return [int(t[0]) for t in clip.tokenize(text)["t5xxl"][0]]
+
+
+def t5_slot_positions(clip, template: str, word: str) -> list[int]:
+    """Positions of `word`'s T5 pieces in clip.tokenize(template.format(word))["t5xxl"] (T5 has no
+    start token; a word is its SentencePiece pieces, e.g. "tiger" -> "▁", "t", "iger", the pieces
+    ComfyUI's tokenizer gives the word on its own).  Raises if they are not found after the
+    template's prefix."""
+    ids = _t5_ids(clip, template.format(word))
+    end = clip.cond_stage_model.t5xxl.special_tokens["end"]
+    pieces = _up_to_end(_t5_ids(clip, word), end)[:-1]
+    prefix = template.split("{}")[0].strip()
+    start = len(_up_to_end(_t5_ids(clip, prefix), end)) - 1 if prefix else 0
+    for i in range(start, len(ids) - len(pieces) + 1):
+        if pieces and ids[i:i + len(pieces)] == pieces:
+            return list(range(i, i + len(pieces)))
+    raise ValueError(f"could not locate {word!r} in the T5 tokens of {template.format(word)!r}")
+
+
+def flux_conditioning(clip, prompt: str) -> dict:
+    """ComfyUI's conditioning of a prompt: encode_from_tokens(tokenize(prompt), return_dict=True)
+    ({"cond": [1, tokens, 64], "pooled_output": [1, 64] or None for Chroma's T5-only side})."""
+    return clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)
+
+
+@torch.no_grad()
+def flux_euler(model_patcher, conds: list[dict], sigmas=FLUX_SIGMAS, seed: int = 0, size: int = 8,
+               guidance: float | None = None, hooks: dict | None = None) -> torch.Tensor:
+    """Truncated Euler sampling of a Flux/Chroma model, one row per conditioning (all of the same
+    token length), all from the same seeded noise [1, 16, size, size]: start at sigmas[0]
+    (ModelSamplingFlux.noise_scaling of an empty latent), evaluate model.apply_model at every
+    sigma with the conds the model's own extra_conds builds (pooled_output as y, guidance:
+    None = the model's default, 3.5 for Flux dev, 0 for Chroma), Euler steps in between.
+    Returns the model's denoised prediction at the last sigma [n, 16, size, size] (fp32, CPU).
+    `hooks` {module: fn(module, args)} are registered as forward pre-hooks during the run."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([model_patcher])
+    base = model_patcher.model
+    device = mm.get_torch_device()
+    n = len(conds)
+    cond = torch.cat([c["cond"] for c in conds]).to(device)
+    pooled = [c.get("pooled_output") for c in conds]
+    pooled = None if any(p is None for p in pooled) else torch.cat(pooled).to(device)
+    noise = torch.randn(1, FLUX_LATENT_CHANNELS, size, size, generator=_generator(seed, 8)).to(device)
+    noise = noise.expand(n, -1, -1, -1).clone()
+    x = base.model_sampling.noise_scaling(torch.tensor([float(sigmas[0])], device=device), noise,
+                                          torch.zeros_like(noise))
+    kwargs = {"pooled_output": pooled, "cross_attn": cond, "device": device, "noise": x}
+    if guidance is not None:
+        kwargs["guidance"] = guidance
+    extra = {k: v.process_cond(batch_size=n, device=device, area=None).cond.to(device)
+             for k, v in base.extra_conds(**kwargs).items()}
+    handles = [m.register_forward_pre_hook(fn) for m, fn in (hooks or {}).items()]
+    try:
+        for i, sigma in enumerate(sigmas):
+            s = torch.full((n,), float(sigma), device=device)
+            denoised = base.apply_model(x, s, **extra).float()
+            if i + 1 < len(sigmas):
+                x = x + (x - denoised) / float(sigma) * (float(sigmas[i + 1]) - float(sigma))
+    finally:
+        for h in handles:
+            h.remove()
+    return denoised.cpu()
+
+
+def flux_txt_qkv_keys(model_patcher) -> list[str]:
+    """State-dict keys of every double block's text-stream qkv weight, in block order."""
+    keys = model_patcher.model.state_dict().keys()
+    found = [k for k in keys if re.fullmatch(r"diffusion_model\.double_blocks\.\d+\.txt_attn\.qkv\.weight", k)]
+    return sorted(found, key=lambda k: int(k.split(".")[2]))
+
+
+def flux_txt_qkv_inputs(model_patcher, clip, prompts: list[str], sigmas=FLUX_SIGMAS, seed: int = 0,
+                        size: int = 8, guidance: float | None = None) -> dict[str, list[torch.Tensor]]:
+    """The inputs of every double block's txt_attn.qkv while flux_euler runs each prompt:
+    {qkv weight key: [one tensor [len(sigmas), tokens, hidden] per prompt]} (fp32, CPU),
+    captured with forward pre-hooks.  Prompts of different token lengths (Chroma's unpadded T5)
+    run in separate batches."""
+    dm = model_patcher.model.diffusion_model
+    keys = flux_txt_qkv_keys(model_patcher)
+    modules = {k: dm.double_blocks[int(k.split(".")[2])].txt_attn.qkv for k in keys}
+    conds = [flux_conditioning(clip, p) for p in prompts]
+    out = {k: [None] * len(prompts) for k in keys}
+    groups = {}
+    for i, c in enumerate(conds):
+        groups.setdefault(c["cond"].shape[1], []).append(i)
+    for indices in groups.values():
+        seen = {k: [] for k in keys}
+        hooks = {m: (lambda k: lambda mod, args: seen[k].append(args[0].detach().float().cpu()))(k)
+                 for k, m in modules.items()}
+        flux_euler(model_patcher, [conds[i] for i in indices], sigmas, seed, size, guidance, hooks)
+        for k in keys:
+            stacked = torch.stack(seen[k], dim=1)  # (batch, n_sigmas, tokens, hidden)
+            for j, i in enumerate(indices):
+                out[k][i] = stacked[j]
+    return out
+
+
+def _t5_layout(clip, template: str, word: str) -> tuple[list[int], list[int], int, int]:
+    """(slot positions, the slot positions whose piece does not also occur elsewhere in the
+    prompt (all slot positions if none is left), position of the end token after the slot,
+    number of tokens up to it)."""
+    slot = t5_slot_positions(clip, template, word)
+    ids = _t5_ids(clip, template.format(word))
+    end = clip.cond_stage_model.t5xxl.special_tokens["end"]
+    end_pos = ids.index(end, slot[-1] + 1)
+    outside = {ids[p] for p in range(end_pos + 1) if p not in slot}
+    own = [p for p in slot if ids[p] not in outside] or slot
+    return slot, own, end_pos, end_pos + 1
+
+
+def flux_planted_edit_deltas(model_patcher, clip, planted=PLANTED, vocabulary=None, template: str = TEMPLATE,
+                             strength: float = FLUX_STRENGTH, lam: float = FLUX_LAM, seed: int = DEMO_SEED,
+                             eps: float = FLUX_EPS, heldout=HELDOUT_WORDS, sigmas=FLUX_SIGMAS,
+                             include_end: bool = False, pad_prompts: int | None = FLUX_PAD_PROMPTS):
+    """The planted edit of a Flux/Chroma model as {double_blocks.N.txt_attn.qkv weight key: fp32
+    delta} (q rows zero: only the key and value rows [hidden:3*hidden] move), and statistics.
+
+    The edit and preserve vectors are the inputs of each block's txt_attn.qkv, captured with
+    flux_txt_qkv_inputs at every sigma of the truncated sampling on seeded noise.  A word's
+    positions are its T5 slot pieces in template.format(word) that occur nowhere else in the
+    prompt, for a planted word also in no preserved prompt (T5's output keeps its token's
+    identity: the "▁" of "▁ t iger" is nearly the template's "▁", its "t" nearly that of
+    "▁be e t le"), plus the end token after them with `include_end` (off by default: T5's
+    end-token output hardly depends on the word).
+    Edit: one vector per planted position, its inputs averaged over the sigmas (uce_delta draws
+    one target direction per vector; the sigma copies are within cosine 0.85-0.98).  Preserve:
+    every position up to the end token of the other vocabulary words' prompts, the remaining
+    positions up to the end token of the planted prompts, and the padding after the end token
+    of the planted prompts and of `pad_prompts` evenly spaced preserved prompts (None: all), at
+    every sigma.  Each block's key/value rows get uce_delta(strength, lam, eps).
+
+    Statistics (relative changes ||Delta c|| / ||W_kv c|| over blocks and vectors, like
+    planted_edit_deltas): "planted_rel_change" (every edit vector), "planted_slot_rel_change"
+    (edited slot pieces), "planted_end_rel_change" (end tokens, edited or not),
+    "preserved_rel_change" (every preserve vector), "preserved_words_rel_change" (the preserved
+    words' positions), "template_rel_change" (template and padding positions of the preserve
+    set), "heldout_rel_change" (the positions of `heldout` words, in neither set); plus
+    "delta_rel_norm" (||Delta_kv|| / ||W_kv|| per key), counts, positions and settings.
+    """
+    if vocabulary is None:
+        vocabulary = load_vocabulary()
+    planted = list(dict.fromkeys(planted))
+    others = [w for w in dict.fromkeys(vocabulary) if w not in set(planted)]
+    heldout = [w for w in dict.fromkeys(heldout) if w not in set(planted) | set(others)]
+    words = planted + others + heldout
+    layouts = [_t5_layout(clip, template, w) for w in words]
+    inputs = flux_txt_qkv_inputs(model_patcher, clip, [template.format(w) for w in words], sigmas, seed)
+    n_p, n_o = len(planted), len(others)
+    n_pad = n_o if pad_prompts is None else max(0, min(int(pad_prompts), n_o))
+    padded = set(range(n_p)) | {n_p + round(i * (n_o - 1) / max(1, n_pad - 1)) for i in range(n_pad)}
+    # a planted word's pieces that also occur in a preserved prompt ("t" of "▁ t iger" in
+    # "▁be e t le") are left alone: T5's output for them is nearly the same in both prompts
+    ids = [_t5_ids(clip, template.format(w))[:length] for w, (_, _, _, length) in zip(words, layouts)]
+    kept = {t for i in range(n_p, n_p + n_o) for t in ids[i]}
+    words_own = [own if i >= n_p else ([p for p in own if ids[i][p] not in kept] or own)
+                 for i, (_, own, _, _) in enumerate(layouts)]
+    positions = [own + [end] if include_end else list(own) for own, (_, _, end, _) in zip(words_own, layouts)]
+
+    def rows(x, pos):  # (n_sigmas, tokens, hidden) -> (n_sigmas * len(pos), hidden)
+        return x[:, pos].reshape(-1, x.shape[-1])
+
+    gen = _generator(seed, 4)
+    weights = _effective_weights(model_patcher, list(inputs))
+    deltas, rel_norm = {}, {}
+    names = ("planted", "planted_slot", "planted_end", "preserved", "preserved_words", "template", "heldout")
+    changes = {k: [] for k in names}
+    for key, per_prompt in inputs.items():
+        w = weights[key]
+        hidden = w.shape[1]
+        w_kv = w[hidden:3 * hidden]
+        sets = {k: [] for k in names}
+        edit = []
+        for i, (x, (slot, _, end, length), own, pos) in enumerate(zip(per_prompt, layouts, words_own, positions)):
+            pad = list(range(length, x.shape[1])) if i in padded else []
+            rest = [p for p in range(length) if p not in pos] + pad
+            if i < n_p:
+                edit.append(x[:, pos].mean(0))
+                sets["planted"].append(rows(x, pos))
+                sets["planted_slot"].append(rows(x, own))
+                sets["planted_end"].append(rows(x, [end]))
+                sets["preserved"].append(rows(x, rest))
+                sets["template"].append(rows(x, rest))
+            elif i < n_p + n_o:
+                sets["preserved"].append(rows(x, list(range(length)) + pad))
+                sets["preserved_words"].append(rows(x, pos))
+                sets["template"].append(rows(x, rest))
+            else:
+                sets["heldout"].append(rows(x, pos))
+        edit, preserve = torch.cat(edit), torch.cat(sets["preserved"])
+        d_kv = uce_delta(w_kv, edit, preserve, strength, lam, eps, gen)
+        delta = torch.zeros_like(w)
+        delta[hidden:3 * hidden] = d_kv
+        deltas[key] = delta
+        rel_norm[key] = (d_kv.norm() / w_kv.norm()).item()
+        for name in names:
+            if sets[name]:
+                changes[name].append(_relative_change(w_kv, d_kv, torch.cat(sets[name])))
+    if not deltas:
+        raise ValueError("the model has no double blocks")
+    stats = {f"{name}_rel_change": _summary(torch.cat(values)) for name, values in changes.items() if values}
+    stats.update(delta_rel_norm=rel_norm, n_edit_vectors=int(edit.shape[0]), n_preserve_vectors=int(preserve.shape[0]),
+                 planted=planted, preserved_words=others, heldout_words=heldout, sigmas=[float(s) for s in sigmas],
+                 edit_positions=dict(zip(planted, positions)),
+                 padding_preserved_for=[words[i] for i in sorted(padded)],
+                 strength=strength, lam=lam, eps=eps, include_end=include_end)
+    return deltas, stats
+
+
+def flux_planted_edit(model_patcher, clip, planted=PLANTED, vocabulary=None, template: str = TEMPLATE,
+                      strength: float = FLUX_STRENGTH, seed: int = DEMO_SEED, sigmas=FLUX_SIGMAS,
+                      lam: float = FLUX_LAM, eps: float = FLUX_EPS, heldout=HELDOUT_WORDS,
+                      include_end: bool = False, pad_prompts: int | None = FLUX_PAD_PROMPTS):
+    """(clone of `model_patcher` carrying the planted edit of flux_planted_edit_deltas as "diff"
+    patches, stats).  The stats are also attached to the clone as `.driftscope_planted_stats`
+    and hold the deltas under "deltas"; the input patcher is left unchanged."""
+    deltas, stats = flux_planted_edit_deltas(model_patcher, clip, planted, vocabulary, template, strength, lam,
+                                             seed, eps, heldout, sigmas, include_end, pad_prompts)
+    patched = clone_with_deltas(model_patcher, deltas)
+    stats["deltas"] = deltas
+    patched.driftscope_planted_stats = stats
+    return patched, stats
+
+
+# -- Flux LoRA files ----------------------------------------------------------------------------
+
+def flux_kohya_name(key: str) -> str:
+    """kohya's Flux LoRA name of a DiT weight (diffusion_model.double_blocks.0.txt_attn.qkv.weight
+    -> lora_unet_double_blocks_0_txt_attn_qkv), the name comfy.lora.model_lora_keys_unet maps."""
+    return "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+
+
+def flux_lora_state_dict(model_patcher, deltas: dict[str, torch.Tensor], rank: int | None = None,
+                         rtol: float = 1e-6):
+    """(kohya-style Flux LoRA state dict, {name: rank}) of weight deltas: lora_up [out, r],
+    lora_down [r, in] and alpha = r (ComfyUI scales by alpha / r = 1) per module, from a truncated
+    SVD.  r is the delta's numerical rank (singular values above rtol * the largest) or `rank`
+    if smaller; at the numerical rank the reconstruction is checked to fp32 precision.  Every
+    name must be one ComfyUI maps to the key (comfy.lora.model_lora_keys_unet)."""
+    import comfy.lora
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    sd, ranks = {}, {}
+    for key, delta in deltas.items():
+        name = flux_kohya_name(key)
+        if key_map.get(name) != key:
+            raise KeyError(f"ComfyUI does not map {name} to {key}")
+        d = delta.detach().to(torch.float64)
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        numerical = max(1, int((s > s[0] * rtol).sum().item()))
+        r = numerical if rank is None else max(1, min(int(rank), numerical))
+        root = s[:r].sqrt()
+        up = (u[:, :r] * root).to(torch.float32).contiguous()
+        down = (root[:, None] * vh[:r]).to(torch.float32).contiguous()
+        if r == numerical:
+            err = ((up @ down) - delta.float()).norm() / delta.float().norm().clamp_min(1e-30)
+            if err > 1e-5:
+                raise RuntimeError(f"LoRA reconstruction of {key} is off by {err:.2e}")
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.alpha"] = torch.tensor(float(r))
+        ranks[name] = r
+    return sd, ranks
+
+
+def write_flux_lora(path, model_patcher, deltas: dict[str, torch.Tensor], rank: int | None = None) -> Path:
+    """Write flux_lora_state_dict(model_patcher, deltas, rank) as safetensors to `path` with the
+    metadata kohya writes for Flux LoRAs; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd, ranks = flux_lora_state_dict(model_patcher, deltas, rank)
+    _atomic_save(sd, path, metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
+                                     "driftscope_lora_ranks": json.dumps(ranks)})
+    return path
 
 
 def main(argv=None) -> int:
