@@ -12,7 +12,7 @@ from ..driftscope_core.audit import MAX_EVALUATIONS, planned_cost, run_audit, wo
 from ..driftscope_core.conditioning import shortest_layout
 from ..driftscope_core.models import Runtime
 from ..driftscope_core.objective import OBJECTIVES
-from ..driftscope_core.prompts import parse_templates, tokenize_template
+from ..driftscope_core.prompts import parse_templates, tokenize_template, tokenize_template_per_encoder
 from ..driftscope_core.settings import DIRECTIONS, MODES, PRESETS, AuditSettings, settings_from_preset
 from ..driftscope_core.vocabulary import MAX_WORDS, build_vocabulary
 from . import compat, errors, host
@@ -23,17 +23,20 @@ VOCABULARIES = ("cifar100", "cifar10", "coco80", "imagenet1k", "clip_words", "cu
 
 
 def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabulary, custom_words, templates,
-                 preset, mode, scheduler, precision, micro_batch, gradient_checkpointing, node_id=None, **settings):
+                 preset, mode, scheduler, precision, micro_batch, gradient_checkpointing, node_id=None, cfg=0.0,
+                 guidance=-1.0, **settings):
     """Everything the node does, callable without a node: check inputs, refuse an audit too large
     to run (check_cost), build the core's view of both models, run the audit under gradients,
-    return the report. Progress (and a cancel point) from the first word on."""
+    return the report. Progress (and a cancel point) from the first word on. `cfg` 0 and
+    `guidance` -1 take the family's defaults (Flux: CFG 1, dev's distilled guidance 3.5)."""
     progress = node_progress(node_id, "DriftScope")
-    overrides = dict(settings, **({} if mode == "preset" else {"mode": mode}))
-    audit_settings = settings_from_preset(preset, **overrides)
     family = host.check_pair(base_model, adapted_model, base_clip, adapted_clip)
+    overrides = dict(settings, **({} if mode == "preset" else {"mode": mode}), **_guidance(family, base_model, cfg, guidance))
+    audit_settings = settings_from_preset(preset, **overrides)
     tokenize, bpe, reserved = host.tokenizer_functions(base_clip, family)
     progress({"stage": "vocabulary", "note": "reading the word list"})
     vocab = build_vocabulary(vocabulary, _reporting(tokenize, progress), bpe, custom_words, reserved_ids=reserved)
+    vocab = family_vocabulary(vocab, base_clip, family)
     template_texts = parse_templates(templates)
     runtime = host.runtime_for(precision, micro_batch, gradient_checkpointing)
     host.check_cpu_resolution(audit_settings.width, audit_settings.height, runtime)
@@ -44,10 +47,9 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
     with torch.inference_mode(False), torch.enable_grad():
         progress({"stage": "prepare", "note": "preparing the text encoders"})
         base, adapted = host.model_sides(family, base_model, base_clip, adapted_model, adapted_clip, runtime,
-                                         need_grad=audit_settings.mode == "paper")
+                                         need_grad=audit_settings.mode == "paper", guidance=audit_settings.guidance)
         try:
-            layout = shortest_layout(base.text)
-            tpls = [tokenize_template(t, tokenize, layout, word_tokens=vocab.max_tokens) for t in template_texts]
+            tpls = family_templates(template_texts, base_clip, family, base.text, vocab)
             schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
             return run_audit(
                 base, adapted, vocab, tpls, schedule, audit_settings, runtime,
@@ -58,6 +60,41 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
             )
         finally:  # finished, failed or cancelled
             host.release(base, adapted)
+
+
+def _guidance(family, model, cfg: float, guidance: float) -> dict:
+    """Settings overrides for the CFG scale and the distilled guidance: the node's values where
+    given (cfg > 0, guidance >= 0), else the family's (sampling_defaults), else the preset's."""
+    defaults = family.sampling_defaults(model)
+    out = {}
+    if cfg > 0:
+        out["cfg"] = float(cfg)
+    elif defaults["cfg"] is not None:
+        out["cfg"] = defaults["cfg"]
+    if defaults["guidance"] is not None:
+        out["guidance"] = float(guidance) if guidance >= 0 else defaults["guidance"]
+    return out
+
+
+def family_vocabulary(vocab, clip, family):
+    """The candidates with their ids in every text encoder that has its own tokenizer (Flux's
+    T5): candidates are words in every tokenizer the family uses."""
+    for name, (tok, _, reserved) in host.encoder_tokenizers(clip, family).items():
+        vocab = vocab.with_encoder_ids(name, tok, reserved, tokenizer_name=name.upper())
+    return vocab
+
+
+def family_templates(texts, clip, family, text_side, vocab) -> list:
+    """Method step 1's templates, tokenized by the vocabulary's tokenizer and by every encoder
+    with its own (each must leave room for the longest word in its tokens)."""
+    tokenize, _, _ = host.tokenizer_functions(clip, family)
+    layout = shortest_layout(text_side)
+    others = host.encoder_tokenizers(clip, family)
+    if not others:
+        return [tokenize_template(t, tokenize, layout, word_tokens=vocab.max_tokens) for t in texts]
+    encoders = {family.vocabulary_encoder: (tokenize, text_side.layouts[family.vocabulary_encoder], vocab.max_tokens),
+                **{name: (tok, lay, vocab.max_tokens_for(name)) for name, (tok, lay, _) in others.items()}}
+    return [tokenize_template_per_encoder(t, encoders) for t in texts]
 
 
 def _reporting(tokenize, progress, every: int = 1000):
@@ -115,8 +152,8 @@ class DriftScopeAudit(io.ComfyNode):
             description="Finds the words whose visual concept an adaptation (LoRA, fine-tune, concept "
                         "erasure) changed most: compares the base and adapted models' cross-attention "
                         "on the same noise, re-scores the top words on shared seeds and calibrates "
-                        "them against random words. Supports SD1.x, SD2.x and SDXL (with Pony, Illustrious, NoobAI) "
-                        "checkpoints; other families get an error that names them. The input models are not modified.",
+                        "them against random words. Supports SD1.x, SD2.x, SDXL (with Pony, Illustrious, NoobAI) "
+                        "and Flux.1 dev/schnell checkpoints; other families get an error that names them. The input models are not modified.",
             inputs=[
                 io.Model.Input("base_model", tooltip="The model before adaptation (e.g. from Load Checkpoint)."),
                 io.Clip.Input("base_clip", tooltip="The base model's CLIP."),
@@ -158,6 +195,13 @@ class DriftScopeAudit(io.ComfyNode):
                              tooltip="Latents per model call; lower it to save memory (a guided call runs twice as many)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute model activations in the backward pass (paper mode): much less memory, about 30% slower."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
+                               tooltip="CFG scale of the audit's denoising; 0 follows the model family as users sample it: "
+                                       "the preset's 7.5 for SD1.x, SD2.x and SDXL, 1.0 for Flux dev and schnell "
+                                       "(one model evaluation per step)."),
+                io.Float.Input("guidance", default=-1.0, min=-1.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Distilled guidance for families that take it (Flux dev, as FluxGuidance sets it); "
+                                       "-1 uses the family's default (3.5 for Flux dev). Other families ignore it."),
             ],
             outputs=[
                 DriftReportType.Output("report", tooltip="The full audit report, for the Evidence Grid and Save Report nodes."),
@@ -169,13 +213,14 @@ class DriftScopeAudit(io.ComfyNode):
     @classmethod
     def execute(cls, base_model, base_clip, adapted_model, adapted_clip, vocabulary, custom_words, templates, preset,
                 mode, direction, objective, top_k, seed, width, height, scheduler, precision="auto", micro_batch=4,
-                gradient_checkpointing=False) -> io.NodeOutput:
+                gradient_checkpointing=False, cfg=0.0, guidance=-1.0) -> io.NodeOutput:
         advice = errors.audit_advice(micro_batch, width, height, mode, gradient_checkpointing)
         with errors.out_of_memory_advice("DriftScope Audit", advice):
             report = audit_models(
                 base_model, base_clip, adapted_model, adapted_clip, vocabulary=vocabulary, custom_words=custom_words,
                 templates=templates, preset=preset, mode=mode, scheduler=scheduler, precision=precision,
                 micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing, node_id=cls.hidden.unique_id,
+                cfg=cfg, guidance=guidance,
                 direction=direction, objective=objective, top_k=top_k, seed=seed, width=width, height=height,
             )
         table = report.table()

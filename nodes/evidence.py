@@ -24,6 +24,13 @@ def encode(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
+def with_guidance(conditioning, guidance: float | None):
+    """The conditioning with a distilled guidance value, as the FluxGuidance node sets it."""
+    if guidance is None:
+        return conditioning
+    return [[cond, {**extra, "guidance": guidance}] for cond, extra in conditioning]
+
+
 def sample_image(model, vae, positive, negative, *, seed, steps, cfg, sampler_name, scheduler, width, height):
     """One image (H, W, 3) in [0, 1] through comfy.sample.sample, the stock KSampler path."""
     latent = torch.zeros(1, model.model.latent_format.latent_channels, height // 8, width // 8)
@@ -43,6 +50,7 @@ def evidence_images(report: DriftReport, base_model, base_clip, adapted_model, a
     template = report.templates[0]
     settings = dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                     width=width or report.settings["width"], height=height or report.settings["height"])
+    guidance = report.settings.get("guidance")  # a guidance-distilled model's (Flux dev), as the audit ran it
     bar = comfy.utils.ProgressBar(2 * len(entries), node_id=node_id)
     rows, pairs = [], []
     for e in entries:
@@ -51,7 +59,8 @@ def evidence_images(report: DriftReport, base_model, base_clip, adapted_model, a
         for model, clip in ((base_model, base_clip), (adapted_model, adapted_clip)):
             # a cancel point between images; inside one, ComfyUI's layers check at every op
             comfy.model_management.throw_exception_if_processing_interrupted()
-            images.append(sample_image(model, vae, encode(clip, prompt), encode(clip, ""), **settings))
+            positive = with_guidance(encode(clip, prompt), guidance)
+            images.append(sample_image(model, vae, positive, encode(clip, ""), **settings))
             bar.update(1)
         pairs += images
         flag = "flagged" if e.significant else "not flagged"
@@ -86,7 +95,7 @@ class DriftScopeEvidenceGrid(io.ComfyNode):
                              tooltip="Sampling seed, shared by base and adapted. Fixed by default, so the evidence "
                                      "matches the report it was made for when the workflow is queued again."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps of each image (full sampling, unlike the audit's truncated steps)."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance scale."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance scale: 7.5 for SD1.x, SD2.x and SDXL, 1.0 for Flux dev and schnell (Flux dev's distilled guidance comes from the audit's report)."),
                 io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler", tooltip="Sampler of the image pairs, as in KSampler; base and adapted use the same one."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal", tooltip="Sigma schedule of the image pairs, as in KSampler."),
                 io.Int.Input("width", default=0, min=0, max=4096, step=8, tooltip="Image width; 0 uses the audit's width."),

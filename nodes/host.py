@@ -38,8 +38,7 @@ def check_pair(base_model, adapted_model, base_clip, adapted_clip) -> FamilyAdap
             fam_b.encoders(clip, name)
     except UnsupportedFamily as err:
         raise InputError(str(err)) from err
-    ctx_b = base_model.model.model_config.unet_config.get("context_dim")
-    ctx_a = adapted_model.model.model_config.unet_config.get("context_dim")
+    ctx_b, ctx_a = fam_b.model_context_width(base_model), fam_a.model_context_width(adapted_model)
     cfg_b, cfg_a = (type(m.model.model_config).__name__ for m in (base_model, adapted_model))
     if fam_b is not fam_a or cfg_b != cfg_a or ctx_b != ctx_a:
         raise InputError(
@@ -47,7 +46,8 @@ def check_pair(base_model, adapted_model, base_clip, adapted_clip) -> FamilyAdap
             "different architectures; compare an adaptation with the checkpoint it was made from."
         )
     for name, clip in (("base_clip", base_clip), ("adapted_clip", adapted_clip)):
-        width = sum(_embedding(clip, attr).weight.shape[1] for attr in fam_b.encoders(clip, name).values())
+        encoders = fam_b.encoders(clip, name)
+        width = sum(_embedding(clip, encoders[e]).weight.shape[1] for e in fam_b.context_encoders(encoders))
         if width != ctx_b:
             raise InputError(f"{name}: text encoder width {width} does not match the model's context {ctx_b}; "
                              "connect the CLIP of the same checkpoint.")
@@ -122,6 +122,62 @@ class UNetDenoiser:
         return self.patcher.model.apply_model(x, sigma, transformer_options=options, **self.model_inputs(x, cond))
 
 
+class DiTDenoiser:
+    """The core's denoiser protocol on a joint-attention transformer MODEL (Flux): x0 from
+    BaseModel.apply_model with the inputs built by the model's own extra_conds (the family's
+    distilled `guidance` value included), and the probe reading each recorded block's q and k
+    through ComfyUI's `optimized_attention_override` (families.md fact 2). The override calls
+    the attention it wraps (or an override already installed, e.g. another pack's kernel) for
+    the output, so the model computes exactly what it computes without the probe."""
+
+    def __init__(self, patcher, family: FamilyAdapter, guidance: float | None = None):
+        self.patcher, self.family, self.guidance = patcher, family, guidance
+
+    def model_inputs(self, x: torch.Tensor, cond: Conditioning) -> dict:
+        kwargs = self.family.model_kwargs(cond.context, cond.extras, self.guidance)
+        conds = self.patcher.model.extra_conds(device=x.device, noise=x, width=x.shape[3] * 8,
+                                               height=x.shape[2] * 8, **kwargs)
+        return {k: c.cond for k, c in conds.items()}
+
+    def _override(self, probe, text_tokens: int, previous):
+        family = self.family
+
+        def override(func, q, k, v, heads, *args, **kwargs):
+            options = kwargs.get("transformer_options") or {}
+            if family.records(options) and kwargs.get("mask") is None:
+                qh, kh = (_heads_first(t, heads, kwargs.get("skip_reshape", False)) for t in (q, k))  # (B, H, L, dh)
+                if qh.shape[2] > text_tokens:
+                    probe.joint(qh, kh)
+            if previous is not None:
+                return previous(func, q, k, v, heads, *args, **kwargs)
+            return func(q, k, v, heads, *args, **kwargs)
+
+        return override
+
+    def __call__(self, x, sigma, cond: Conditioning, attention_probe):
+        comfy.model_management.load_models_gpu([self.patcher])
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        if attention_probe is not None:
+            previous = options.get("optimized_attention_override")
+            options["optimized_attention_override"] = self._override(attention_probe, cond.context.shape[1], previous)
+        return self.patcher.model.apply_model(x, sigma, transformer_options=options, **self.model_inputs(x, cond))
+
+
+def _heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """q or k as (B, H, L, dh): ComfyUI's attention gets them so (skip_reshape) or as (B, L, H*dh)."""
+    if skip_reshape:
+        return t
+    b, length, inner = t.shape
+    return t.reshape(b, length, heads, inner // heads).transpose(1, 2)  # (B, H, L, dh)
+
+
+def denoiser_for(patcher, family: FamilyAdapter, guidance: float | None = None):
+    """The denoiser of the family's attention kind: UNet cross-attention or DiT joint attention."""
+    if family.attention == "joint":
+        return DiTDenoiser(patcher, family, guidance)
+    return UNetDenoiser(patcher, family)
+
+
 def check_memory(model, width: int, height: int, runtime: Runtime) -> None:
     """Refuse, before anything runs, an audit whose single model call cannot fit in half the memory
     the device has free (issue 12: a 4096 px audit on a CPU drew the kernel's OOM killer before a
@@ -129,9 +185,12 @@ def check_memory(model, width: int, height: int, runtime: Runtime) -> None:
     through the first convolution (input, output and residual at the model's channel width) plus
     the probe's attention probabilities at the highest resolution, in float32."""
     unet = model.model.diffusion_model
-    channels = model.model.model_config.unet_config.get("model_channels", 320)
-    heads = max((m.heads for m in unet.modules() if isinstance(getattr(m, "heads", None), int)), default=8)
-    positions = (width // 8) * (height // 8)
+    config = model.model.model_config.unet_config
+    channels = config.get("model_channels") or config.get("hidden_size") or 320  # a UNet's, or a DiT's width
+    heads = max((m.heads for m in unet.modules() if isinstance(getattr(m, "heads", None), int)),
+                default=config.get("num_heads", 8))
+    patch = config.get("patch_size", 1) or 1
+    positions = (width // 8 // patch) * (height // 8 // patch)
 
     def floor_bytes(micro_batch: int) -> int:
         latents = 2 * micro_batch
@@ -178,8 +237,14 @@ def _embedding(clip, attr: str):
 
 
 def _layout(tokenizer) -> TokenLayout:
-    return TokenLayout(start=tokenizer.start_token, end=tokenizer.end_token, pad=tokenizer.pad_token,
-                       max_length=tokenizer.max_length)
+    """An SDTokenizer's layout: CLIP pads to its max_length (77); Flux's T5 has no start token and
+    pads to its min_length (256)."""
+    padded = tokenizer.max_length if tokenizer.pad_to_max_length else tokenizer.min_length
+    if padded is None or padded > 4096:
+        raise InputError(f"text encoder {tokenizer.embedding_key}: prompts of varying length (no padding) are not "
+                         "supported yet")
+    return TokenLayout(start=getattr(tokenizer, "start_token", None), end=tokenizer.end_token, pad=tokenizer.pad_token,
+                       max_length=padded)
 
 
 def grad_ready_clip(clip):
@@ -263,9 +328,7 @@ class ComfyText:
             for name, attr in self.encoders.items():
                 outputs[name] = getattr(clip.cond_stage_model, attr)([self._tokens(p[name]) for p in prompts])
         context, extras = self.family.combine(outputs)
-        # the families so far put every encoder's tokens at the same context positions (side by
-        # side in width), so the first encoder's slot positions are the slot's
-        mask = slot_mask(prompts, next(iter(self.encoders)), context.shape[1], context.device)
+        mask = slot_mask(prompts, self.family.context_parts(self.encoders), context.shape[1], context.device)
         return Conditioning(context, mask, extras)
 
 
@@ -304,6 +367,25 @@ def clip_family(clip, input_name: str = "clip") -> FamilyAdapter:
         except UnsupportedFamily:
             continue
     raise InputError(f"{input_name}: no supported model family reads this CLIP ({type(clip.cond_stage_model).__name__})")
+
+
+def encoder_tokenizers(clip, family: FamilyAdapter) -> dict:
+    """For each encoder with its own tokenizer (family.own_tokenizers, e.g. Flux's T5):
+    (tokenize(text) -> ids without start/end, its TokenLayout, reserved ids). ComfyUI's
+    tokenizer splits a prompt at spaces and tokenizes each word on its own; so does this."""
+    encoders = family.encoders(clip, "base_clip")
+    out = {}
+    for name in family.own_tokenizers:
+        tok = getattr(clip.tokenizer, encoders[name])
+        hf = tok.tokenizer
+        first = 0 if getattr(tok, "start_token", None) is None else 1
+
+        def tokenize(text: str, hf=hf, first=first) -> list[int]:
+            return [int(i) for word in text.split() for i in hf(word)["input_ids"][first:-1]]
+
+        reserved = {tok.end_token, tok.pad_token, hf.unk_token_id} - {None}
+        out[name] = (tokenize, _layout(tok), reserved)
+    return out
 
 
 def tokenizer_functions(clip, family: FamilyAdapter | None = None):
@@ -352,7 +434,7 @@ def identity(model, clip, family: FamilyAdapter) -> dict:
 
 
 def model_sides(family: FamilyAdapter, base_model, base_clip, adapted_model, adapted_clip, runtime: Runtime,
-                need_grad: bool) -> list[ModelSide]:
+                need_grad: bool, guidance: float | None = None) -> list[ModelSide]:
     """Both sides for the core; models are cloned (gradient-ready where paper mode needs it: the
     adapted side's UNet and text encoders), never modified."""
     base_text = ComfyText(base_clip, family, "base_clip")
@@ -362,6 +444,6 @@ def model_sides(family: FamilyAdapter, base_model, base_clip, adapted_model, ada
         adapted_text = ComfyText(adapted_clip, family, "adapted_clip")
     if need_grad:  # the base branch runs without gradients (method step 3)
         adapted_text.grad_clip = grad_ready_clip(adapted_clip)
-    base = ModelSide("base", base_text, UNetDenoiser(base_model.clone(), family))
+    base = ModelSide("base", base_text, denoiser_for(base_model.clone(), family, guidance))
     adapted_patcher = grad_ready_clone(adapted_model) if need_grad else adapted_model.clone()
-    return [base, ModelSide("adapted", adapted_text, UNetDenoiser(adapted_patcher, family))]
+    return [base, ModelSide("adapted", adapted_text, denoiser_for(adapted_patcher, family, guidance))]

@@ -19,9 +19,33 @@ class FamilyAdapter:
 
     name = "?"
     default_size = 512  # width and height of an audit when the node's width/height is 0 (auto)
+    attention = "cross"  # "cross": attn2 layers of a UNet; "joint": one softmax over [text | image] tokens
+    vocabulary_encoder: str | None = None  # encoder whose tokenizer builds the word list (None: the first)
+    own_tokenizers: tuple[str, ...] = ()  # encoders whose token ids differ from the vocabulary tokenizer's
 
     def matches(self, model) -> bool:
         raise NotImplementedError
+
+    def context_parts(self, encoders) -> tuple[tuple[str, int], ...]:
+        """Which encoders' token positions the context rows are, from which row
+        (conditioning.slot_mask); by default the first encoder's, from row 0."""
+        return ((next(iter(encoders)), 0),)
+
+    def context_encoders(self, encoders) -> list[str]:
+        """The encoders whose widths add up to the context's width."""
+        return list(encoders)
+
+    def model_context_width(self, model) -> int | None:
+        return model.model.model_config.unet_config.get("context_dim")
+
+    def sampling_defaults(self, model) -> dict:
+        """The CFG scale and distilled guidance the family is sampled with (None: the preset's CFG,
+        no guidance input)."""
+        return {"cfg": None, "guidance": None}
+
+    def records(self, transformer_options) -> bool:
+        """Joint attention: whether the slot map is read in the block these options describe."""
+        return True
 
     def encoders(self, clip, input_name: str) -> dict[str, str]:
         """Core name -> attribute; raises UnsupportedFamily (naming `input_name`) for a CLIP of
@@ -33,11 +57,11 @@ class FamilyAdapter:
         pooled (B, P) or None, ...), as the family's own encode_token_weights joins them."""
         raise NotImplementedError
 
-    def model_kwargs(self, context: torch.Tensor, extras: Mapping[str, torch.Tensor]) -> dict:
+    def model_kwargs(self, context: torch.Tensor, extras: Mapping[str, torch.Tensor], guidance=None) -> dict:
         """Keyword arguments of ComfyUI's BaseModel.extra_conds for this conditioning."""
         return {"cross_attn": context}
 
     def vocabulary_tokenizer(self, clip):
-        """The SDTokenizer whose BPE ids every encoder of the family reads (so candidate words and
-        templates are tokenized once)."""
+        """The SDTokenizer that builds the word list; every encoder not in `own_tokenizers` reads
+        its ids."""
         raise NotImplementedError

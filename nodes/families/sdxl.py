@@ -35,7 +35,7 @@ class SDXL(FamilyAdapter):
         context = torch.cat([z_l[:, :cut], z_g[:, :cut]], dim=-1)  # (B, 77, 768 + 1280)
         return context, {"pooled": outputs["g"][1]}
 
-    def model_kwargs(self, context, extras):
+    def model_kwargs(self, context, extras, guidance=None):
         return {"cross_attn": context, "pooled_output": extras["pooled"]}
 
     def vocabulary_tokenizer(self, clip):

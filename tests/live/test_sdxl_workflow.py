@@ -20,7 +20,8 @@ API_DIR, UI_DIR = REPO / "workflows" / "api", REPO / "workflows"
 WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
 SDXL = "sdxl_lora_side_effects"
 AUDIT, GRID, GRID_SAVE, REPORT_SAVE = "10", "11", "12", "13"
-FILE_INPUTS = {"ckpt_name", "lora_name"}  # combos listing the server's model files: the user's own names
+# combos listing the server's model files: the user's own names
+FILE_INPUTS = {"ckpt_name", "lora_name", "unet_name", "clip_name1", "clip_name2", "vae_name"}
 SDXL_LIVE = os.environ.get("DRIFTSCOPE_SDXL_LIVE", "").strip() == "1"
 # Measured on a busy shared 2-core CPU (README, `make test-sdxl`): the workflow 497 s (ComfyUI
 # 0.33.0) and 528 s (0.3.75), server peak RSS 5.7 and 4.7 GB, the demo files 9.6 min to build
@@ -103,6 +104,22 @@ def test_sdxl_workflow_has_sdxl_settings():
     assert (api[GRID]["inputs"]["width"], api[GRID]["inputs"]["height"]) == (1024, 1024)  # SDXL's native size
     assert "xl" in api["1"]["inputs"]["ckpt_name"] and "sdxl" in api["2"]["inputs"]["lora_name"]
     assert audit["adapted_model"] == ["2", 0] and audit["adapted_clip"] == ["2", 1]
+
+
+def test_flux_workflow_has_flux_loaders_and_guidance():
+    """The Flux example uses the loaders Flux is used with (UNETLoader, LoraLoaderModelOnly,
+    DualCLIPLoader type flux, VAELoader) and leaves CFG and guidance to the family (0 and -1:
+    CFG 1 with dev's distilled 3.5); its grid samples at CFG 1 at Flux's native 1024 px."""
+    api = json.loads((API_DIR / "flux_lora_side_effects.json").read_text(encoding="utf-8"))
+    chain = {k: n["class_type"] for k, n in api.items()}
+    assert chain == {"1": "UNETLoader", "2": "LoraLoaderModelOnly", "3": "DualCLIPLoader", "4": "VAELoader",
+                     AUDIT: "DriftScopeAudit", GRID: "DriftScopeEvidenceGrid", GRID_SAVE: "SaveImage",
+                     REPORT_SAVE: "DriftScopeSaveReport"}
+    assert api["3"]["inputs"]["type"] == "flux"
+    audit, grid = api[AUDIT]["inputs"], api[GRID]["inputs"]
+    assert (audit["cfg"], audit["guidance"]) == (0.0, -1.0)
+    assert audit["adapted_model"] == ["2", 0] and audit["base_clip"] == audit["adapted_clip"] == ["3", 0]
+    assert grid["cfg"] == 1.0 and (grid["width"], grid["height"]) == (1024, 1024)
 
 
 # ---------------------------------------------------------------------------------- the live run
