@@ -4,6 +4,7 @@ string, so a release that back-ports or renames a feature keeps working.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -51,6 +52,24 @@ def non_dynamic(patcher):
         except RuntimeError:  # "cached_patcher_init is not initialized": built in memory
             pass
     return patcher.clone()
+
+
+@contextlib.contextmanager
+def differentiable_kernels(enabled: bool):
+    """While `enabled`, ComfyUI's models use their plain-torch kernels: newer ComfyUI (0.33) runs
+    Flux's rotary embedding through comfy_kitchen's custom op, which has no backward, unless
+    `model_management.in_training` is set (its own training node sets it around a training
+    step). Absent flag (0.3.75): nothing to do. The flag is restored afterwards."""
+    mm = comfy.model_management
+    if not enabled or not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 # -- text encoders ------------------------------------------------------------------------------

@@ -160,7 +160,12 @@ class DiTDenoiser:
         if attention_probe is not None:
             previous = options.get("optimized_attention_override")
             options["optimized_attention_override"] = self._override(attention_probe, cond.context.shape[1], previous)
-        return self.patcher.model.apply_model(x, sigma, transformer_options=options, **self.model_inputs(x, cond))
+        grad = torch.is_grad_enabled()
+        # paper mode: kernels with a backward, and saved tensors cloned because Flux's blocks add
+        # their residuals in place (img += ..., txt += ...)
+        saved = torch.autograd.graph.saved_tensors_hooks(_clone_saved, _same_saved) if grad else contextlib.nullcontext()
+        with compat.differentiable_kernels(grad), saved:
+            return self.patcher.model.apply_model(x, sigma, transformer_options=options, **self.model_inputs(x, cond))
 
 
 def _heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:

@@ -215,22 +215,8 @@ def test_sdxl_lora_files_through_the_stock_loader_are_audited(pack, sdxl, lora_f
 
 
 def test_unsupported_family_is_named_with_the_supported_ones(pack, demo_models):
-    """A Flux model (a tiny one, built with ComfyUI's own Flux config class) is refused with an
-    error that names its family and the supported ones."""
-    import comfy.supported_models
-    cfg = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 64,
-           "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
-           "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True}
-    import dataclasses
-    import comfy.ldm.flux.model
-    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
-        cfg["txt_ids_dims"] = []  # newer ComfyUI: what its model detection sets for Flux.1
-    config = comfy.supported_models.Flux(cfg)
-    config.set_inference_dtype(torch.float32, None)
-    flux_model = config.get_model({})
-    demo_models.init_parameters_(flux_model.diffusion_model, torch.Generator().manual_seed(0),
-                                 scalars={"scale": 1.0, "weight": 1.0})  # RMSNorm gains
-    flux = demo_models._model_patcher(flux_model)
-    _, clip, _ = demo_models.tiny_sd15(0)
-    with pytest.raises(ValueError, match=r"base_model: model family Flux.1 / Chroma is not supported yet.*SDXL, SD1.x/SD2.x"):
-        pack.nodes.host.check_pair(flux, flux, clip, clip)
+    """A Chroma model (tiny, built with ComfyUI's own Chroma config class) is refused with an error
+    that names its family and the supported ones."""
+    chroma, clip, _ = demo_models.tiny_chroma(0)
+    with pytest.raises(ValueError, match=r"base_model: model family Chroma is not supported yet.*SDXL, Flux.1, SD1.x/SD2.x"):
+        pack.nodes.host.check_pair(chroma, chroma, clip, clip)
