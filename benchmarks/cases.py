@@ -14,8 +14,10 @@ Kinds of adaptation (one base per family and model seed, shared by its cases):
   own RMS: drift with no concept behind it.
 - null_identical: the base model against a clone of itself.
 
-Families: sd15 and sd2 (tiny_sd15 / tiny_sd2), and sdxl (tiny_sdxl's architecture with wider
-CLIP-L and CLIP-G, sdxl_models). lora_trained is not built for sdxl (SKIPPED_KINDS says why).
+Families: sd15 and sd2 (tiny_sd15 / tiny_sd2), sdxl (tiny_sdxl's architecture with wider
+CLIP-L and CLIP-G, sdxl_models) and flux (tiny_flux, Flux.1 dev, with its own planted edit of the
+double blocks' text key/value rows, sampled at its own CFG, guidance and scheduler:
+FAMILY_SAMPLING). lora_trained is not built for sdxl and flux (SKIPPED_KINDS says why).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 
 KINDS = ("planted", "lora_trained", "null_diffuse", "null_identical")
 NULL_KINDS = ("null_diffuse", "null_identical")
-FAMILIES = ("sd15", "sd2", "sdxl")
+FAMILIES = ("sd15", "sd2", "sdxl", "flux")
 TEMPLATE = "a photo of a {}"
 
 PLANTED_COUNT = 10  # enough planted words to fill the truth's top 10 (past them the drift has no gaps)
@@ -66,14 +68,27 @@ SDXL_ENCODER_WIDTH = TEXT_WIDTH // 2
 # Pixel size of every audit and truth, per family (others: the variant's). SDXL's native size is
 # twice SD1.5's and its highest cross-attention sits one level lower: at 64 px its recorded maps
 # are 4x4, as SD1.5's are at 32 px (at 32 px they would be 2x2).
-FAMILY_RESOLUTION = {"sdxl": 64}
+# Flux patchifies its 8x8 latent at 64 px into 4x4 image tokens: the 16 positions SD1.5's maps
+# have at 32 px (at 32 px Flux would have 2x2).
+FAMILY_RESOLUTION = {"sdxl": 64, "flux": 64}
+
+# CFG scale, distilled guidance and scheduler of every audit and truth, per family (others: the
+# variant's CFG 7.5, no guidance, "normal"). Flux.1 dev as its users sample it: CFG 1 (one model
+# pass per step), guidance 3.5, the "simple" scheduler. The CFG and guidance must be the pack's
+# defaults for the family (FamilyAdapter.sampling_defaults): ground_truth checks it.
+FAMILY_SAMPLING = {"flux": {"cfg": 1.0, "guidance": 3.5, "scheduler": "simple"}}
 
 # Kinds a family does not build, and why.
 SKIPPED_KINDS = {"sdxl": {"lora_trained": (
     "teach_concepts' loss passes only the text context, while SDXL also needs its pooled and size "
     "conditioning (y); teaching plus TrainLoraNode on the tiny SDXL UNet would take about 3x the "
     "5 CPU-minutes of SD1.5's, and the trained-LoRA case on SD1.5 has no clear concept to recall "
-    "yet (benchmarks/README.md)")}}
+    "yet (benchmarks/README.md)")},
+    "flux": {"lora_trained": (
+    "teach_concepts' loss is SD's (a UNet on the text context alone, eps/v weights), while Flux "
+    "needs the pooled vector, the guidance input and a flow-matching loss; teaching a tiny Flux "
+    "from its captions and training a LoRA on it with TrainLoraNode is not set up, and the "
+    "trained-LoRA case on SD1.5 has no clear concept to recall yet (benchmarks/README.md)")}}
 
 DIFFUSE_RELATIVE = 1e-2  # null_diffuse: noise std per tensor, relative to the tensor's RMS
 
@@ -91,6 +106,12 @@ class CaseSpec:
     @property
     def is_null(self) -> bool:
         return self.kind in NULL_KINDS
+
+
+def family_sampling(family: str, cfg: float, scheduler: str) -> dict:
+    """{"cfg", "guidance", "scheduler"} of `family`'s audits and truths: FAMILY_SAMPLING's, else
+    `cfg` and `scheduler` (the variant's) and no guidance (None)."""
+    return {"cfg": cfg, "guidance": None, "scheduler": scheduler, **FAMILY_SAMPLING.get(family, {})}
 
 
 def family_resolution(family: str, default: int) -> int:
@@ -120,9 +141,22 @@ class Case:
 
 # -- candidate vocabulary -----------------------------------------------------------------------
 def full_vocabulary(env, clip) -> list[str]:
-    """Every whole-word token of the CLIP BPE vocabulary that driftscope_core keeps (filtered)."""
+    """Every whole-word token of the CLIP BPE vocabulary that driftscope_core keeps (filtered),
+    and that every other tokenizer of the CLIP's family keeps as the Audit node does
+    (nodes.audit.family_vocabulary: Flux's T5; for SD families nothing is dropped)."""
     _, bpe, _ = env.host.tokenizer_functions(clip)
-    return [c.text for c in env.core.vocabulary.from_bpe_vocab(bpe).candidates]
+    vocab = env.core.vocabulary.from_bpe_vocab(bpe)
+    texts = [c.text for c in vocab.candidates]
+    family = env.host.clip_family(clip)
+    if env.host.encoder_tokenizers(clip, family):
+        kept = {c.text for c in env.pack.nodes.audit.family_vocabulary(vocab, clip, family).candidates}
+        texts = [t for t in texts if t in kept]
+    return texts
+
+
+def t5_pieces(clip, word: str) -> int:
+    """How many T5 pieces Flux's tokenizer makes of `word` (without the end token)."""
+    return len(clip.tokenizer.t5xxl.tokenizer(word)["input_ids"]) - 1
 
 
 def candidate_words(vocabulary: Sequence[str], size: int | None, seed: int, extra: Sequence[str] = ()) -> list[str]:
@@ -140,10 +174,12 @@ def candidate_words(vocabulary: Sequence[str], size: int | None, seed: int, extr
     return [t for t in texts if t in chosen]
 
 
-def planted_words(env, vocabulary: Sequence[str], family: str, model_seed: int, count: int = PLANTED_COUNT) -> list[str]:
+def planted_words(env, vocabulary: Sequence[str], family: str, model_seed: int, count: int = PLANTED_COUNT,
+                  keep: Callable[[str], bool] | None = None) -> list[str]:
     """`count` concept words (one BPE token each, i.e. in `vocabulary`) drawn with a seed from
-    the built-in lists."""
-    in_vocab = set(vocabulary)
+    the built-in lists; `keep`: only words it accepts (Flux: one T5 piece, which the planted
+    edit can move whole)."""
+    in_vocab = {w for w in vocabulary if keep is None or keep(w)}
     # a word inside a preserved phrase ("truck" of "pickup truck") would be edited and preserved at once
     preserved_parts = {part for phrase in env.demo_models.load_vocabulary(PLANTED_PRESERVE) if " " in phrase
                        for part in phrase.split()}
@@ -435,10 +471,24 @@ def family_models(env, family: str, seed: int, text_width: int):
     dm = env.demo_models
     if family == "sdxl":
         return sdxl_models(dm, seed, text_width // 2)
+    if family == "flux":  # at the demo's widths: see family_text_width
+        return dm.tiny_flux(seed, "dev")
     makers = {"sd15": dm.tiny_sd15, "sd2": dm.tiny_sd2}
     if family not in makers:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     return makers[family](seed, text_width=text_width)
+
+
+def family_text_width(family: str, text_width: int) -> int:
+    """The context width a family's benchmark base has: `text_width` (the benchmark's), except
+    Flux: tiny_flux as it is, T5 64 wide into a DiT 64 wide. Widening the encoders (SD1.5's fix
+    for an edit that moved its words by 9%) would not change where Flux's edit acts: on the
+    inputs of the double blocks' txt_attn.qkv, which txt_in maps to the DiT's hidden width;
+    there the edit already moves its words by about 115% (SD1.5 at width 256: 133%)."""
+    return FLUX_TEXT_WIDTH if family == "flux" else text_width
+
+
+FLUX_TEXT_WIDTH = 64  # demo_models.TINY_T5_CONFIG["d_model"], tiny_flux's context_in_dim
 
 
 @dataclass
@@ -485,10 +535,20 @@ class CaseBuilder:
         model, clip, vocabulary = base.model, base.clip, base.vocabulary
         dm = self.env.demo_models
         recipe: dict = {"kind": spec.kind, "family": spec.family, "model_seed": spec.model_seed, "template": TEMPLATE,
-                        "text_width": self.text_width}
+                        "text_width": family_text_width(spec.family, self.text_width)}
         info: dict = {}
         adapted_clip = clip
-        if spec.kind == "planted":
+        if spec.kind == "planted" and spec.family == "flux":
+            targets = tuple(planted_words(self.env, vocabulary, spec.family, spec.model_seed,
+                                          keep=lambda w: t5_pieces(clip, w) == 1))
+            preserve = [w for w in dm.load_vocabulary(PLANTED_PRESERVE) if w not in targets]
+            recipe.update(planted=list(targets), preserve=PLANTED_PRESERVE, edit="flux_planted_edit",
+                          strength=dm.FLUX_STRENGTH, lam=dm.FLUX_LAM, eps=dm.FLUX_EPS, sigmas=list(dm.FLUX_SIGMAS),
+                          edit_seed=spec.model_seed)
+            adapted, stats = dm.flux_planted_edit(model, clip, targets, preserve, TEMPLATE, strength=dm.FLUX_STRENGTH,
+                                                  seed=spec.model_seed, lam=dm.FLUX_LAM, eps=dm.FLUX_EPS)
+            info = {k: v for k, v in stats.items() if k.endswith("_rel_change")}
+        elif spec.kind == "planted":
             targets = tuple(planted_words(self.env, vocabulary, spec.family, spec.model_seed))
             preserve = [w for w in dm.load_vocabulary(PLANTED_PRESERVE) if w not in targets]
             recipe.update(planted=list(targets), preserve=PLANTED_PRESERVE, strength=dm.DEMO_STRENGTH, lam=dm.DEMO_LAM,

@@ -40,6 +40,7 @@ class TruthSettings:
     objective: str = "attention"
     scheduler: str = "normal"
     template: str = "a photo of a {}"
+    guidance: float | None = None  # a guidance-distilled model's input (Flux dev: 3.5); None: none
     # not part of the definition (no effect on the figures, only on speed)
     micro_batch: int = 64
     chunk_words: int = 64  # words per model switch and per cache save
@@ -55,6 +56,8 @@ class TruthSettings:
         d = asdict(self)
         for k in ("micro_batch", "chunk_words", "refine_top", "refine_seeds"):
             d.pop(k)
+        if d["guidance"] is None:  # families without guidance keep the keys they had before it existed
+            d.pop("guidance")
         return d
 
 
@@ -125,6 +128,18 @@ def _load(path: Path, case, settings: TruthSettings) -> Truth:
     return Truth(case.name, {}, settings.definition(), {"unet_forward": 0, "text_forward": 0, "seconds": 0.0, "words": 0}, path)
 
 
+def check_sampling(family, model, settings: TruthSettings) -> None:
+    """The truth samples as the pack samples the family by default (FamilyAdapter.sampling_defaults:
+    Flux dev CFG 1 and guidance 3.5; None: the CFG is the settings' own, no guidance), or it
+    would measure another quantity than the audits."""
+    defaults = family.sampling_defaults(model)
+    if defaults["cfg"] is not None and settings.cfg != defaults["cfg"]:
+        raise ValueError(f"truth settings: cfg {settings.cfg}, but the pack samples {family.name} at cfg {defaults['cfg']}")
+    if settings.guidance != defaults["guidance"]:
+        raise ValueError(f"truth settings: guidance {settings.guidance}, but the pack gives {family.name} "
+                         f"guidance {defaults['guidance']}")
+
+
 def _save(truth: Truth, case) -> None:
     truth.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = truth.path.with_name(f".{truth.path.name}.{os.getpid()}.tmp")
@@ -144,14 +159,25 @@ class _Measurer:
         self.core, self.case, self.settings, self.truth, self.log = core, case, settings, truth, log
         self.runtime = host.runtime_for("fp32", settings.micro_batch, False)
         family = host.check_pair(case.base_model, case.adapted_model, case.base_clip, case.adapted_clip)
+        check_sampling(family, case.base_model, settings)
+        self.family, self.node = family, env.pack.nodes.audit
         self.base, self.adapted = host.model_sides(family, case.base_model, case.base_clip, case.adapted_model,
-                                                   case.adapted_clip, self.runtime, need_grad=False)
+                                                   case.adapted_clip, self.runtime, need_grad=False,
+                                                   guidance=settings.guidance)
         self.tokenize, _, _ = host.tokenizer_functions(case.base_clip, family)
-        layout = core.conditioning.shortest_layout(self.base.text)
-        self.templates = [core.prompts.tokenize_template(settings.template, self.tokenize, layout)]
         self.schedule = host.schedule_of(case.base_model, settings.scheduler, settings.schedule_steps)
         channels = case.base_model.model.latent_format.latent_channels
         self.latent_shape = (channels, settings.height // 8, settings.width // 8)
+
+    def prompts(self, words: Sequence[str]):
+        """(vocabulary, templates) of `words` as the Audit node builds them: ids in every
+        tokenizer of the family (Flux: CLIP-L's and T5's), the template tokenized by each."""
+        clip = self.case.base_clip
+        vocab = self.core.vocabulary.from_words(words, self.tokenize, name="truth")
+        vocab = self.node.family_vocabulary(vocab, clip, self.family)
+        if [c.text for c in vocab.candidates] != list(words):
+            raise ValueError(f"{self.case.name}: the family's tokenizers drop some of {list(words)}")
+        return vocab, self.node.family_templates([self.settings.template], clip, self.family, self.base.text, vocab)
 
     def _counts(self) -> tuple[int, int]:
         return (self.base.counts.unet_forward + self.adapted.counts.unet_forward,
@@ -168,8 +194,8 @@ class _Measurer:
         for start in range(0, len(words), st.chunk_words):
             chunk = list(words[start : start + st.chunk_words])
             t, before = time.perf_counter(), self._counts()
-            vocab = self.core.vocabulary.from_words(chunk, self.tokenize, name="truth")
-            meter = self.core.meter.DriftMeter(self.base, self.adapted, vocab, self.templates, self.schedule, sampling,
+            vocab, templates = self.prompts(chunk)
+            meter = self.core.meter.DriftMeter(self.base, self.adapted, vocab, templates, self.schedule, sampling,
                                                self.runtime)
             drifts = meter.score(list(range(len(chunk))), list(seeds))  # (n, seeds)
             for w, row in zip(chunk, drifts.tolist()):
@@ -205,7 +231,8 @@ def measure(env, case, words: Sequence[str], settings: TruthSettings = TruthSett
         measurer = _Measurer(env, case, settings, truth, log)
         if missing:
             log(f"[truth] {case.name}: measuring {len(missing)} words ({len(truth.per_seed)} cached), "
-                f"{settings.seeds} seeds x {settings.schedule_steps} steps, cfg {settings.cfg}")
+                f"{settings.seeds} seeds x {settings.schedule_steps} steps, cfg {settings.cfg}"
+                + ("" if settings.guidance is None else f", guidance {settings.guidance}") + f", {settings.scheduler}")
             measurer.extend(missing, settings.seed_list(), "measured")
         all_seeds = settings.seed_list(settings.refine_seeds)
         while refine and (short := _unrefined(truth, words, settings)):

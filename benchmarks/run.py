@@ -83,13 +83,14 @@ VARIANTS = {
     # about 3 CPU-hours of audits, plus about 45 minutes per truth not yet cached: one SD1.5
     # model seed of every kind and an SD2.x planted case; paper mode (25-30 CPU-minutes per
     # audit here, most of the total) on the planted cases only
-    # SDXL (64 px, cases.FAMILY_RESOLUTION): a planted case and the diffuse null
+    # SDXL and Flux.1 dev (64 px, cases.FAMILY_RESOLUTION; Flux at CFG 1, guidance 3.5, "simple":
+    # cases.FAMILY_SAMPLING): a planted case and the diffuse null each
     "medium": Variant("medium", _specs(["sd15"], [0], case_lib.KINDS) + _specs(["sd2"], [0], ["planted"])
-                      + _specs(["sdxl"], [0], ["planted", "null_diffuse"]), candidates=2000,
+                      + _specs(["sdxl", "flux"], [0], ["planted", "null_diffuse"]), candidates=2000,
                       only_kinds={"paper": ("planted",)},
                       note="SD1.5 model seed 0, all four kinds, an SD2.x (v-prediction) planted case, and SDXL "
-                           "planted and diffuse-null cases (64 px); 2,000 random candidates + targets; paper mode "
-                           "on the planted cases only"),
+                           "and Flux.1 dev planted and diffuse-null cases (64 px); 2,000 random candidates + "
+                           "targets; paper mode on the planted cases only"),
     # the issue's benchmark: two model seeds of SD1.5 and an SD2.x pair; paper mode on the adapted
     # (non-null) cases only
     "full": Variant("full", _specs(["sd15"], [0, 1], case_lib.KINDS) + _specs(["sd2"], [0], ["planted", "null_identical"]),
@@ -171,18 +172,34 @@ def family_size(family: str | None) -> dict:
     return {"width": size, "height": size}
 
 
+def family_guidance(family: str | None) -> dict:
+    """cfg and guidance of a family's audits where cases.FAMILY_SAMPLING sets them (Flux: 1 and
+    3.5, the pack's defaults for Flux dev), else nothing (COMMON's cfg, no guidance)."""
+    sampling = case_lib.FAMILY_SAMPLING.get(family or "", {})
+    return {k: sampling[k] for k in ("cfg", "guidance") if k in sampling}
+
+
 def audit_settings(env, mode: str, seed: int, family: str | None = None) -> dict:
     """The overrides an audit of `mode` runs with (only names AuditSettings knows); `family`
-    sets its width and height (family_size)."""
+    sets its width and height (family_size), and its cfg and guidance (family_guidance)."""
     known = {f.name for f in fields(env.core.settings.AuditSettings)}
-    wanted = {**COMMON, **MODE_SETTINGS.get(mode, {}), **family_size(family), "seed": seed}
+    wanted = {**COMMON, **MODE_SETTINGS.get(mode, {}), **family_size(family), **family_guidance(family), "seed": seed}
     return {k: v for k, v in wanted.items() if k in known}
 
 
+AUDIT_SCHEDULER = "normal"  # the audits' scheduler, as the truth's (TruthSettings.scheduler), except per family
+
+
+def audit_scheduler(family: str | None) -> str:
+    return case_lib.FAMILY_SAMPLING.get(family or "", {}).get("scheduler", AUDIT_SCHEDULER)
+
+
 def truth_settings(variant: Variant, family: str) -> ground_truth.TruthSettings:
-    """The variant's truth settings at the family's pixel size (cases.FAMILY_RESOLUTION)."""
+    """The variant's truth settings at the family's pixel size (cases.FAMILY_RESOLUTION), CFG,
+    guidance and scheduler (cases.FAMILY_SAMPLING); for other families the variant's own."""
     size = case_lib.family_resolution(family, variant.truth.width)
-    return replace(variant.truth, width=size, height=size)
+    sampling = case_lib.family_sampling(family, variant.truth.cfg, variant.truth.scheduler)
+    return replace(variant.truth, width=size, height=size, **sampling)
 
 
 def with_candidates(variant: Variant, candidates: int, refine_top: int | None = None) -> Variant:
@@ -214,7 +231,7 @@ def run_one_audit(env, case, mode: str, seed: int) -> dict:
         report = env.pack.nodes.audit.audit_models(
             case.base_model, case.base_clip, case.adapted_model, case.adapted_clip,
             vocabulary="custom", custom_words="\n".join(case.words), templates=case_lib.TEMPLATE, preset=PRESET,
-            mode=mode, scheduler="normal", precision="fp32", micro_batch=MICRO_BATCH, gradient_checkpointing=False,
+            mode=mode, scheduler=audit_scheduler(case.spec.family), precision="fp32", micro_batch=MICRO_BATCH, gradient_checkpointing=False,
             **overrides)
     wall = time.perf_counter() - t
     if report.vocabulary["size"] != len(case.words):
@@ -611,6 +628,10 @@ def markdown(results: dict) -> str:
                     if c["family"] in case_lib.FAMILY_RESOLUTION})
     if sizes:
         lines += ["", "Per family: " + "; ".join(f"{f} cases at {px}x{px} px (audits and truth)" for f, px in sizes) + "."]
+    sampled = sorted({c["family"] for c in results["cases"] if c["family"] in case_lib.FAMILY_SAMPLING})
+    if sampled:
+        lines += ["", "Sampling per family (audits and truth): " + "; ".join(
+            f"{f} at " + ", ".join(f"{k} {v}" for k, v in case_lib.FAMILY_SAMPLING[f].items()) for f in sampled) + "."]
     lines += ["", "Ground truth (every candidate, exhaustive; cached):", "",
               "| case | candidates | targets in truth top 10 | truth top 5 | truth self-agreement @10 | "
               f"truth @10 with {' / '.join(map(str, AGREEMENT_SEEDS))} seeds per word | truth UNet fwd | truth s |",
