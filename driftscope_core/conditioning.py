@@ -99,7 +99,7 @@ def slot_mask(prompts: Sequence[Prompt], parts: str | ContextParts, length: int,
 def shortest_layout(text: "TextSide") -> TokenLayout:
     """The layout of the text side's shortest encoder: a template that leaves room for a word
     there leaves room in every encoder."""
-    return min(text.layouts.values(), key=lambda lay: lay.max_length)
+    return min(text.layouts.values(), key=lambda lay: lay.room)
 
 
 class TextSide(Protocol):

@@ -186,17 +186,32 @@ class DriftMeter:
         n_seeds = len(seeds)
         noise = make_noise(seeds, self.sampling.latent_shape)  # (N, C, h, w)
         per_group = max(1, self.sampling.group_size // n_seeds)
-        groups = [indices[i : i + per_group] for i in range(0, len(indices), per_group)]
+        groups = [bucket[i : i + per_group] for bucket in self._same_length(indices)
+                  for i in range(0, len(bucket), per_group)]  # positions into `indices`
         pulse = _Pulse(progress, (self.base.side, self.adapted.side), self.planned_evaluations(indices, n_seeds),
                        len(indices), len(self.templates))
         pulse.beat("starting on", 0)
         out = torch.zeros(len(indices), n_seeds)
         for t_idx, _ in enumerate(self.templates):
-            row = 0
+            done = 0
             for group in groups:
-                out[row : row + len(group)] += self._score_group(t_idx, group, noise, pulse, row).cpu()
-                row += len(group)
+                words = [indices[p] for p in group]
+                out[group] += self._score_group(t_idx, words, noise, pulse, done).cpu()
+                done += len(group)
         return out / len(self.templates)
+
+    def _same_length(self, indices: list[int]) -> list[list[int]]:
+        """Positions into `indices`, in buckets whose prompts have one length in every text
+        encoder, so a batch of them is one context tensor: one bucket when every encoder pads
+        its prompts to a fixed length; by the word's token count where one does not (Chroma's
+        T5). Order is kept inside a bucket; no number depends on the bucketing."""
+        unpadded = [name for name, lay in self.base.side.text.layouts.items() if not lay.padded]
+        if not unpadded:
+            return [list(range(len(indices)))]
+        buckets: dict[tuple[int, ...], list[int]] = {}
+        for p, i in enumerate(indices):
+            buckets.setdefault(tuple(len(self.vocab[i].ids(n)) for n in unpadded), []).append(p)
+        return list(buckets.values())
 
     def _score_group(self, t_idx: int, group: list[int], noise: torch.Tensor, pulse: _Pulse, row: int) -> torch.Tensor:
         """Drift (n, N) of one group of words; `row` words of this template came before it."""

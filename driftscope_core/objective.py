@@ -47,17 +47,23 @@ class Trajectory:
 
 
 def _guided_x0(side, x, sigma, cond: Conditioning, uncond: Conditioning, cfg, record, runtime):
-    """One guided model evaluation: x0 (B, C, h, w) and slot maps (B, L, HW) or an empty tensor."""
+    """One guided model evaluation: x0 (B, C, h, w) and slot maps (B, L, HW) or an empty tensor.
+    The conditional and unconditional branches share one model call when their contexts have
+    the same length; an encoder that is not padded (Chroma's T5) gives the empty prompt a
+    shorter context, and then the branches run as two calls, as ComfyUI's sampler runs them."""
     b = x.shape[0]
+    probe = SlotAttentionProbe(cond.slot_mask) if record else None
+    sig = sigma.reshape(1).expand(2 * b).to(x.device)
     if cfg == 1.0:
-        x_in, both = x, cond
-    else:
+        x0 = side.denoise(x, sig[:b], cond, probe, runtime)
+    elif cond.context.shape[1] == uncond.context.shape[1]:
         x_in = torch.cat([x, x])  # (2B, C, h, w): conditional rows first
         both = Conditioning.cat([cond, uncond.expand(b)])  # 2B prompts
-    probe = SlotAttentionProbe(cond.slot_mask) if record else None
-    sig = sigma.reshape(1).expand(x_in.shape[0]).to(x.device)
-    out = side.denoise(x_in, sig, both, probe, runtime)
-    x0 = out if cfg == 1.0 else cfg_combine(out[:b], out[b:], cfg)
+        out = side.denoise(x_in, sig, both, probe, runtime)
+        x0 = cfg_combine(out[:b], out[b:], cfg)
+    else:
+        positive = side.denoise(x, sig[:b], cond, probe, runtime)
+        x0 = cfg_combine(positive, side.denoise(x, sig[:b], uncond.expand(b), None, runtime), cfg)
     maps = probe.stacked() if record else x.new_zeros(0)
     return x0, maps
 

@@ -19,6 +19,9 @@ SLOT = "{}"
 MAX_TEMPLATE_CHARS = 4_000
 
 
+UNPADDED_ROOM = 512  # tokens of one prompt to an encoder that is not padded (T5 reads any length)
+
+
 class TemplateError(ValueError):
     """A template cannot be used."""
 
@@ -31,7 +34,16 @@ class TokenLayout:
     start: int | None = 49406
     end: int = 49407
     pad: int = 49407  # SD1.x pads with the end token, SD2.x with 0, T5 with 0
-    max_length: int = 77  # the padded length (Flux's T5: at least 256)
+    max_length: int | None = 77  # the padded length (Flux's T5: 256); None: not padded (Chroma's T5)
+
+    @property
+    def padded(self) -> bool:
+        return self.max_length is not None
+
+    @property
+    def room(self) -> int:
+        """Tokens a prompt may hold: the padded length, or practically any for unpadded encoders."""
+        return UNPADDED_ROOM if self.max_length is None else self.max_length
 
     @property
     def specials(self) -> int:
@@ -112,11 +124,11 @@ def tokenize_template(text: str, tokenize: Callable[[str], list[int]], layout: T
     before, after = text.split(SLOT)
     prefix = tuple(tokenize(before)) if before.strip() else ()
     suffix = tuple(tokenize(after)) if after.strip() else ()
-    room = layout.max_length - layout.specials - len(prefix) - len(suffix)
+    room = layout.room - layout.specials - len(prefix) - len(suffix)
     if room < word_tokens:
         raise TemplateError(
             f"templates: template {quoted(text)} is too long: its {len(prefix) + len(suffix)} tokens leave room "
-            f"for {max(room, 0)} of the {word_tokens} token(s) a word needs in the encoder's {layout.max_length}; "
+            f"for {max(room, 0)} of the {word_tokens} token(s) a word needs in the encoder's {layout.room}; "
             "shorten it"
         )
     return Template(text, prefix, suffix)
@@ -176,7 +188,7 @@ class PromptBuilder:
 
     def room(self) -> int:
         """How many slot tokens fit."""
-        return self.layout.max_length - len(self.head) - len(self.template.suffix_ids) - 1
+        return self.layout.room - len(self.head) - len(self.template.suffix_ids) - 1
 
     def prompt(self, slot: Sequence[int] | torch.Tensor) -> SlotPrompt:
         """The prompt with `slot` (k token ids, or k embedding rows (k, D)) in the slot."""
@@ -185,7 +197,8 @@ class PromptBuilder:
         if k > self.room():
             raise TemplateError(f"templates: a word of {k} tokens does not fit into template {quoted(self.template.text)}")
         tail = (*self.template.suffix_ids, self.layout.end)
-        tail += (self.layout.pad,) * (self.layout.max_length - len(self.head) - k - len(tail))
+        if self.layout.padded:
+            tail += (self.layout.pad,) * (self.layout.max_length - len(self.head) - k - len(tail))
         return SlotPrompt(self.head, slot, tail)
 
     def token_ids(self, word_ids: Sequence[int]) -> list[int]:

@@ -33,6 +33,9 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
     family = host.check_pair(base_model, adapted_model, base_clip, adapted_clip)
     overrides = dict(settings, **({} if mode == "preset" else {"mode": mode}), **_guidance(family, base_model, cfg, guidance))
     audit_settings = settings_from_preset(preset, **overrides)
+    if vocabulary == "clip_words" and not family.clip_words:
+        raise host.InputError(f"vocabulary: clip_words lists CLIP's whole-word tokens, and {family.name} reads T5 only; "
+                              "choose a built-in list (cifar100, imagenet1k, ...) or custom")
     tokenize, bpe, reserved = host.tokenizer_functions(base_clip, family)
     progress({"stage": "vocabulary", "note": "reading the word list"})
     vocab = build_vocabulary(vocabulary, _reporting(tokenize, progress), bpe, custom_words, reserved_ids=reserved)
@@ -150,10 +153,10 @@ class DriftScopeAudit(io.ComfyNode):
             search_aliases=["lora audit", "concept drift", "lora side effects", "model diff", "drift scope"],
             has_intermediate_output=True,  # its UI output is kept with the cached result (0.33); the page reload is the frontend's (web/js)
             description="Finds the words whose visual concept an adaptation (LoRA, fine-tune, concept "
-                        "erasure) changed most: compares the base and adapted models' cross-attention "
-                        "on the same noise, re-scores the top words on shared seeds and calibrates "
-                        "them against random words. Supports SD1.x, SD2.x, SDXL (with Pony, Illustrious, NoobAI) "
-                        "and Flux.1 dev/schnell checkpoints; other families get an error that names them. The input models are not modified.",
+                        "erasure) changed most: compares the base and adapted models' attention to each word "
+                        "(cross-attention in UNets, joint attention in Flux and Chroma) on the same noise, re-scores the top words on shared seeds and calibrates "
+                        "them against random words. Supports SD1.x, SD2.x, SDXL (with Pony, Illustrious, NoobAI), "
+                        "Flux.1 dev/schnell and Chroma models; other families get an error that names them. The input models are not modified.",
             inputs=[
                 io.Model.Input("base_model", tooltip="The model before adaptation (e.g. from Load Checkpoint)."),
                 io.Clip.Input("base_clip", tooltip="The base model's CLIP."),
@@ -178,7 +181,7 @@ class DriftScopeAudit(io.ComfyNode):
                 io.Combo.Input("direction", options=list(DIRECTIONS), default="most",
                                tooltip="most: the most drifted words; least: the words the adaptation left most intact."),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="attention",
-                               tooltip="attention: L1 between the slot word's cross-attention maps (the paper); prediction: x0-prediction delta; latent: latent delta after the kept steps."),
+                               tooltip="attention: L1 between the slot word's attention maps (the paper's cross-attention; joint attention in Flux and Chroma); prediction: x0-prediction delta; latent: latent delta after the kept steps."),
                 io.Int.Input("top_k", default=10, min=1, max=200, tooltip="How many words to report."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the noise and the search; the same seed gives the same report."),
@@ -198,7 +201,7 @@ class DriftScopeAudit(io.ComfyNode):
                 io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="CFG scale of the audit's denoising; 0 follows the model family as users sample it: "
                                        "the preset's 7.5 for SD1.x, SD2.x and SDXL, 1.0 for Flux dev and schnell "
-                                       "(one model evaluation per step)."),
+                                       "(one model evaluation per step), 4.0 for Chroma."),
                 io.Float.Input("guidance", default=-1.0, min=-1.0, max=100.0, step=0.1, optional=True,
                                tooltip="Distilled guidance for families that take it (Flux dev, as FluxGuidance sets it); "
                                        "-1 uses the family's default (3.5 for Flux dev). Other families ignore it."),

@@ -107,7 +107,8 @@ class UNetDenoiser:
         # the pixel size ComfyUI's sampler passes (samplers.encode_model_conds: latent size x 8)
         conds = self.patcher.model.extra_conds(device=x.device, noise=x, width=x.shape[3] * 8,
                                                height=x.shape[2] * 8, **kwargs)
-        return {k: c.cond for k, c in conds.items()}
+        # repeated to the batch as the sampler does (e.g. Flux's guidance, a single value)
+        return {k: c.process_cond(batch_size=x.shape[0], area=None).cond for k, c in conds.items()}
 
     def __call__(self, x, sigma, cond: Conditioning, attention_probe):
         comfy.model_management.load_models_gpu([self.patcher])
@@ -137,7 +138,8 @@ class DiTDenoiser:
         kwargs = self.family.model_kwargs(cond.context, cond.extras, self.guidance)
         conds = self.patcher.model.extra_conds(device=x.device, noise=x, width=x.shape[3] * 8,
                                                height=x.shape[2] * 8, **kwargs)
-        return {k: c.cond for k, c in conds.items()}
+        # repeated to the batch as the sampler does (e.g. Flux's guidance, a single value)
+        return {k: c.process_cond(batch_size=x.shape[0], area=None).cond for k, c in conds.items()}
 
     def _override(self, probe, text_tokens: int, previous):
         family = self.family
@@ -245,9 +247,8 @@ def _layout(tokenizer) -> TokenLayout:
     """An SDTokenizer's layout: CLIP pads to its max_length (77); Flux's T5 has no start token and
     pads to its min_length (256)."""
     padded = tokenizer.max_length if tokenizer.pad_to_max_length else tokenizer.min_length
-    if padded is None or padded > 4096:
-        raise InputError(f"text encoder {tokenizer.embedding_key}: prompts of varying length (no padding) are not "
-                         "supported yet")
+    if padded is not None and padded <= 1:  # Chroma's T5: min_length 1, nothing padded
+        padded = None
     return TokenLayout(start=getattr(tokenizer, "start_token", None), end=tokenizer.end_token, pad=tokenizer.pad_token,
                        max_length=padded)
 
@@ -287,7 +288,7 @@ class ComfyText:
                              "to choose one.") from err
         self.clip, self.family, self.grad_clip = clip, family, grad_clip
         self.encoders = family.encoders(clip, input_name)  # core name -> attribute
-        self.layouts = {name: _layout(getattr(clip.tokenizer, attr)) for name, attr in self.encoders.items()}
+        self.layouts = {name: _layout(family.tokenizer(clip, attr)) for name, attr in self.encoders.items()}
         self._tables: dict[str, torch.Tensor] = {}
 
     def _ready(self, clip):
@@ -381,7 +382,7 @@ def encoder_tokenizers(clip, family: FamilyAdapter) -> dict:
     encoders = family.encoders(clip, "base_clip")
     out = {}
     for name in family.own_tokenizers:
-        tok = getattr(clip.tokenizer, encoders[name])
+        tok = family.tokenizer(clip, encoders[name])
         hf = tok.tokenizer
         first = 0 if getattr(tok, "start_token", None) is None else 1
 
@@ -398,11 +399,16 @@ def tokenizer_functions(clip, family: FamilyAdapter | None = None):
     tokenizer every text encoder of the family reads (the family of the CLIP if not given)."""
     tok = (family or clip_family(clip)).vocabulary_tokenizer(clip)
     hf = tok.tokenizer
+    if getattr(tok, "start_token", None) is None:  # a T5 (Chroma): ComfyUI tokenizes word by word
+        def tokenize(text: str) -> list[int]:
+            return [int(i) for word in text.split() for i in hf(word)["input_ids"][:-1]]
+    else:
+        def tokenize(text: str) -> list[int]:
+            return list(hf(text)["input_ids"][1:-1])
 
-    def tokenize(text: str) -> list[int]:
-        return list(hf(text)["input_ids"][1:-1])
-
-    reserved = {tok.start_token, tok.end_token, hf.unk_token_id} - {None}
+    reserved = {getattr(tok, "start_token", None), tok.end_token, hf.unk_token_id} - {None}
+    if getattr(tok, "start_token", None) is None:
+        reserved.add(tok.pad_token)  # T5's <pad> (0); CLIP's SD2.x pad id 0 is the "!" token, a real piece
     return tokenize, hf.get_vocab(), reserved
 
 

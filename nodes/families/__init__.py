@@ -9,13 +9,13 @@ encode_from_tokens, a planted edit found on top) and a line in README's family t
 from __future__ import annotations
 
 from .base import FamilyAdapter, UnsupportedFamily
-from .flux import Flux
+from .flux import Chroma, Flux
 from .sd import SD
 from .sdxl import SDXL
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (SDXL(), Flux(), SD())  # subclasses before their parents
+ADAPTERS: tuple[FamilyAdapter, ...] = (SDXL(), Chroma(), Flux(), SD())  # subclasses before their parents
 UNSUPPORTED = {  # ComfyUI model class -> what the README's family table says about it
-    "Chroma": "Chroma", "ChromaRadiance": "Chroma Radiance", "LongCatImage": "LongCat-Image", "Flux2": "Flux.2", "SD3": "SD3 / SD3.5", "Lumina2": "Z-Image / Lumina 2",
+    "ChromaRadiance": "Chroma Radiance", "LongCatImage": "LongCat-Image", "Flux2": "Flux.2", "SD3": "SD3 / SD3.5", "Lumina2": "Z-Image / Lumina 2",
     "QwenImage": "Qwen-Image", "WAN21": "Wan 2.x", "HiDream": "HiDream", "SDXLRefiner": "the SDXL refiner",
 }
 

@@ -22,9 +22,14 @@ class FamilyAdapter:
     attention = "cross"  # "cross": attn2 layers of a UNet; "joint": one softmax over [text | image] tokens
     vocabulary_encoder: str | None = None  # encoder whose tokenizer builds the word list (None: the first)
     own_tokenizers: tuple[str, ...] = ()  # encoders whose token ids differ from the vocabulary tokenizer's
+    clip_words = True  # whether the vocabulary tokenizer is CLIP's BPE (the clip_words list)
 
     def matches(self, model) -> bool:
         raise NotImplementedError
+
+    def tokenizer(self, clip, attr: str):
+        """The SDTokenizer of the encoder at `attr` (the same attribute name as its model's)."""
+        return getattr(clip.tokenizer, attr)
 
     def context_parts(self, encoders) -> tuple[tuple[str, int], ...]:
         """Which encoders' token positions the context rows are, from which row

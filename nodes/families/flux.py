@@ -61,10 +61,56 @@ class Flux(FamilyAdapter):
         return {"cfg": 1.0, "guidance": 3.5 if self.variant(model) == "dev" else None}
 
     def model_kwargs(self, context, extras, guidance=None):
-        return {"cross_attn": context, "pooled_output": extras["pooled"], "guidance": guidance}
+        kwargs = {"cross_attn": context, "pooled_output": extras["pooled"]}
+        if guidance is not None:  # else extra_conds' own default (the model ignores it: schnell)
+            kwargs["guidance"] = guidance
+        return kwargs
 
     def records(self, transformer_options) -> bool:
         return transformer_options.get("block_type") == "double"
 
     def vocabulary_tokenizer(self, clip):
         return clip.tokenizer.clip_l
+
+
+class Chroma(Flux):
+    """Chroma: Flux's blocks with the modulations from a small approximator network, on T5-XXL
+    alone (no CLIP, no pooled vector); ComfyUI pads nothing, so every prompt's context is as
+    long as its T5 tokens (the core then batches words of one length together and runs the
+    negative, the bare end token, as its own model call). Sampled with real CFG and guidance 0
+    (extra_conds' default): CFG 4 by default here."""
+
+    name = "Chroma"
+    vocabulary_encoder = "t5"
+    own_tokenizers = ()
+    clip_words = False
+
+    def matches(self, model) -> bool:
+        radiance = getattr(comfy.model_base, "ChromaRadiance", ())
+        chroma = getattr(comfy.model_base, "Chroma", None)
+        return chroma is not None and isinstance(model.model, chroma) and not isinstance(model.model, radiance)
+
+    def encoders(self, clip, input_name: str) -> dict[str, str]:
+        cond = clip.cond_stage_model
+        if getattr(cond, "clip", None) != "t5xxl" or not hasattr(getattr(cond, "t5xxl", None), "transformer"):
+            raise UnsupportedFamily(f"{input_name}: this CLIP ({type(cond).__name__}) is not Chroma's T5-XXL text "
+                                    "encoder; load it with CLIPLoader, type chroma.")
+        return {"t5": "t5xxl"}
+
+    def tokenizer(self, clip, attr: str):
+        return getattr(clip.tokenizer, clip.tokenizer.clip)  # SD1Tokenizer names it clip_t5xxl
+
+    def combine(self, outputs):
+        return outputs["t5"][0], {}  # context (B, T, 4096), T = the prompt's T5 tokens
+
+    def sampling_defaults(self, model) -> dict:
+        return {"cfg": 4.0, "guidance": None}
+
+    def model_kwargs(self, context, extras, guidance=None):
+        kwargs = {"cross_attn": context, "pooled_output": None}  # as CLIP's conditioning carries it (0.3.75 reads it)
+        if guidance is not None:
+            kwargs["guidance"] = guidance
+        return kwargs
+
+    def vocabulary_tokenizer(self, clip):
+        return self.tokenizer(clip, "t5xxl")

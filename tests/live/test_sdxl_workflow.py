@@ -21,7 +21,7 @@ WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
 SDXL = "sdxl_lora_side_effects"
 AUDIT, GRID, GRID_SAVE, REPORT_SAVE = "10", "11", "12", "13"
 # combos listing the server's model files: the user's own names
-FILE_INPUTS = {"ckpt_name", "lora_name", "unet_name", "clip_name1", "clip_name2", "vae_name"}
+FILE_INPUTS = {"ckpt_name", "lora_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name"}
 SDXL_LIVE = os.environ.get("DRIFTSCOPE_SDXL_LIVE", "").strip() == "1"
 # Measured on a busy shared 2-core CPU (README, `make test-sdxl`): the workflow 497 s (ComfyUI
 # 0.33.0) and 528 s (0.3.75), server peak RSS 5.7 and 4.7 GB, the demo files 9.6 min to build
@@ -120,6 +120,14 @@ def test_flux_workflow_has_flux_loaders_and_guidance():
     assert (audit["cfg"], audit["guidance"]) == (0.0, -1.0)
     assert audit["adapted_model"] == ["2", 0] and audit["base_clip"] == audit["adapted_clip"] == ["3", 0]
     assert grid["cfg"] == 1.0 and (grid["width"], grid["height"]) == (1024, 1024)
+
+
+def test_chroma_workflow_has_chroma_loaders_and_real_cfg():
+    api = json.loads((API_DIR / "chroma_lora_side_effects.json").read_text(encoding="utf-8"))
+    assert {k: n["class_type"] for k, n in api.items() if k in ("1", "2", "3", "4")} == {
+        "1": "UNETLoader", "2": "LoraLoaderModelOnly", "3": "CLIPLoader", "4": "VAELoader"}
+    assert api["3"]["inputs"]["type"] == "chroma"
+    assert (api[AUDIT]["inputs"]["cfg"], api[GRID]["inputs"]["cfg"]) == (0.0, 4.0)  # the family's CFG 4 in both
 
 
 # ---------------------------------------------------------------------------------- the live run
