@@ -12,7 +12,8 @@ from ..driftscope_core.audit import MAX_EVALUATIONS, planned_cost, run_audit, wo
 from ..driftscope_core.conditioning import shortest_layout
 from ..driftscope_core.models import Runtime
 from ..driftscope_core.objective import OBJECTIVES
-from ..driftscope_core.prompts import parse_templates, tokenize_template, tokenize_template_per_encoder
+from ..driftscope_core.prompts import TemplateError, parse_templates, tokenize_template, tokenize_template_per_encoder
+from ..driftscope_core.text import quoted
 from ..driftscope_core.settings import DIRECTIONS, MODES, PRESETS, AuditSettings, settings_from_preset
 from ..driftscope_core.vocabulary import MAX_WORDS, build_vocabulary
 from . import compat, errors, host
@@ -90,9 +91,16 @@ def family_vocabulary(vocab, clip, family):
 def family_templates(texts, clip, family, text_side, vocab) -> list:
     """Method step 1's templates, tokenized by the vocabulary's tokenizer and by every encoder
     with its own (each must leave room for the longest word in its tokens)."""
-    tokenize, _, _ = host.tokenizer_functions(clip, family)
+    tokenize = host.template_tokenizer(clip, family)
     layout = shortest_layout(text_side)
     others = host.encoder_tokenizers(clip, family)
+    if family.word_prefix:
+        for text in texts:
+            before = text.split("{}")[0]
+            if not before.endswith(family.word_prefix):
+                raise TemplateError(f"templates: template {quoted(text)}: {family.name}'s tokenizer reads a word after a space "
+                                    "differently from one at the start or after punctuation, and the candidates are "
+                                    "encoded as words after a space; put the slot after a space, e.g. \"a photo of a {}\"")
     if not others:
         return [tokenize_template(t, tokenize, layout, word_tokens=vocab.max_tokens) for t in texts]
     encoders = {family.vocabulary_encoder: (tokenize, text_side.layouts[family.vocabulary_encoder], vocab.max_tokens),
@@ -154,9 +162,9 @@ class DriftScopeAudit(io.ComfyNode):
             has_intermediate_output=True,  # its UI output is kept with the cached result (0.33); the page reload is the frontend's (web/js)
             description="Finds the words whose visual concept an adaptation (LoRA, fine-tune, concept "
                         "erasure) changed most: compares the base and adapted models' attention to each word "
-                        "(cross-attention in UNets, joint attention in Flux and Chroma) on the same noise, re-scores the top words on shared seeds and calibrates "
+                        "(cross-attention in UNets, joint attention in the DiTs) on the same noise, re-scores the top words on shared seeds and calibrates "
                         "them against random words. Supports SD1.x, SD2.x, SDXL (with Pony, Illustrious, NoobAI), "
-                        "Flux.1 dev/schnell and Chroma models; other families get an error that names them. The input models are not modified.",
+                        "Flux.1 dev/schnell, Chroma and Qwen-Image models; other families get an error that names them. The input models are not modified.",
             inputs=[
                 io.Model.Input("base_model", tooltip="The model before adaptation (e.g. from Load Checkpoint)."),
                 io.Clip.Input("base_clip", tooltip="The base model's CLIP."),
@@ -181,7 +189,7 @@ class DriftScopeAudit(io.ComfyNode):
                 io.Combo.Input("direction", options=list(DIRECTIONS), default="most",
                                tooltip="most: the most drifted words; least: the words the adaptation left most intact."),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="attention",
-                               tooltip="attention: L1 between the slot word's attention maps (the paper's cross-attention; joint attention in Flux and Chroma); prediction: x0-prediction delta; latent: latent delta after the kept steps."),
+                               tooltip="attention: L1 between the slot word's attention maps (the paper's cross-attention; joint attention in the DiTs); prediction: x0-prediction delta; latent: latent delta after the kept steps."),
                 io.Int.Input("top_k", default=10, min=1, max=200, tooltip="How many words to report."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the noise and the search; the same seed gives the same report."),
@@ -201,7 +209,7 @@ class DriftScopeAudit(io.ComfyNode):
                 io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="CFG scale of the audit's denoising; 0 follows the model family as users sample it: "
                                        "the preset's 7.5 for SD1.x, SD2.x and SDXL, 1.0 for Flux dev and schnell "
-                                       "(one model evaluation per step), 4.0 for Chroma."),
+                                       "(one model evaluation per step), 4.0 for Chroma, 2.5 for Qwen-Image."),
                 io.Float.Input("guidance", default=-1.0, min=-1.0, max=100.0, step=0.1, optional=True,
                                tooltip="Distilled guidance for families that take it (Flux dev, as FluxGuidance sets it); "
                                        "-1 uses the family's default (3.5 for Flux dev). Other families ignore it."),

@@ -72,6 +72,26 @@ def differentiable_kernels(enabled: bool):
         mm.in_training = before
 
 
+class _AddWithoutOut(torch.overrides.TorchFunctionMode):
+    """torch.add(a, b, out=buf) as torch.add(a, b) when a gradient is recorded through it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.add and kwargs.get("out") is not None and torch.is_grad_enabled() and any(
+                torch.is_tensor(a) and a.requires_grad for a in args):
+            kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+        return func(*args, **kwargs)
+
+
+def differentiable_text_encoder():
+    """Newer ComfyUI (0.33) ends each block of its LLM text encoders (Qwen, Llama) with
+    `x = torch.add(residual, x, out=block_input)`, which autograd refuses; 0.3.75 adds without
+    `out=`. While a gradient is recorded through the text encoder (paper mode), such an add
+    returns a new tensor instead of writing into the block's input, which the block only
+    returns; nothing else changes."""
+    return _AddWithoutOut()
+
+
 # -- text encoders ------------------------------------------------------------------------------
 def clip_layer_index(layer_idx) -> int | None:
     """CLIP.layer_idx as one layer index: None (the encoder's default), an int, or (newer loaders

@@ -38,7 +38,8 @@ def sample_image(model, vae, positive, negative, *, seed, steps, cfg, sampler_na
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                   seed=seed, disable_pbar=True)
-    return vae.decode(samples)[0].float().clamp(0, 1)  # (H, W, 3)
+    images = vae.decode(samples)  # (B, H, W, 3), or (B, T, H, W, 3) from a video VAE (Qwen-Image's: one frame)
+    return images.reshape(-1, *images.shape[-3:])[0].float().clamp(0, 1)  # (H, W, 3)
 
 
 def evidence_images(report: DriftReport, base_model, base_clip, adapted_model, adapted_clip, vae, *, top_n, seed,

@@ -136,8 +136,8 @@ class DiTDenoiser:
 
     def model_inputs(self, x: torch.Tensor, cond: Conditioning) -> dict:
         kwargs = self.family.model_kwargs(cond.context, cond.extras, self.guidance)
-        conds = self.patcher.model.extra_conds(device=x.device, noise=x, width=x.shape[3] * 8,
-                                               height=x.shape[2] * 8, **kwargs)
+        conds = self.patcher.model.extra_conds(device=x.device, noise=x, width=x.shape[-1] * 8,
+                                               height=x.shape[-2] * 8, **kwargs)
         # repeated to the batch as the sampler does (e.g. Flux's guidance, a single value)
         return {k: c.process_cond(batch_size=x.shape[0], area=None).cond for k, c in conds.items()}
 
@@ -166,8 +166,11 @@ class DiTDenoiser:
         # paper mode: kernels with a backward, and saved tensors cloned because Flux's blocks add
         # their residuals in place (img += ..., txt += ...)
         saved = torch.autograd.graph.saved_tensors_hooks(_clone_saved, _same_saved) if grad else contextlib.nullcontext()
+        frames = getattr(self.patcher.model.latent_format, "latent_dimensions", 2) == 3 and x.ndim == 4
+        x_in = x.unsqueeze(2) if frames else x  # (B, C, 1, h, w): one frame of a video latent (Qwen-Image)
         with compat.differentiable_kernels(grad), saved:
-            return self.patcher.model.apply_model(x, sigma, transformer_options=options, **self.model_inputs(x, cond))
+            out = self.patcher.model.apply_model(x_in, sigma, transformer_options=options, **self.model_inputs(x_in, cond))
+        return out.squeeze(2) if frames else out  # (B, C, h, w)
 
 
 def _heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
@@ -243,14 +246,15 @@ def _embedding(clip, attr: str):
     return getattr(clip.cond_stage_model, attr).transformer.get_input_embeddings()
 
 
-def _layout(tokenizer) -> TokenLayout:
+def _layout(tokenizer, end: int | None = None) -> TokenLayout:
     """An SDTokenizer's layout: CLIP pads to its max_length (77); Flux's T5 has no start token and
-    pads to its min_length (256)."""
+    pads to its min_length (256); Chroma's T5 and Qwen pad nothing. `end`: the family's end token
+    where the tokenizer adds none (a chat template's)."""
     padded = tokenizer.max_length if tokenizer.pad_to_max_length else tokenizer.min_length
-    if padded is not None and padded <= 1:  # Chroma's T5: min_length 1, nothing padded
+    if padded is not None and padded <= 1:  # min_length 1: nothing padded
         padded = None
-    return TokenLayout(start=getattr(tokenizer, "start_token", None), end=tokenizer.end_token, pad=tokenizer.pad_token,
-                       max_length=padded)
+    return TokenLayout(start=getattr(tokenizer, "start_token", None), end=tokenizer.end_token if end is None else end,
+                       pad=tokenizer.pad_token, max_length=padded)
 
 
 def grad_ready_clip(clip):
@@ -288,7 +292,12 @@ class ComfyText:
                              "to choose one.") from err
         self.clip, self.family, self.grad_clip = clip, family, grad_clip
         self.encoders = family.encoders(clip, input_name)  # core name -> attribute
-        self.layouts = {name: _layout(family.tokenizer(clip, attr)) for name, attr in self.encoders.items()}
+        self.layouts = {name: _layout(family.tokenizer(clip, attr), family.layout_end(clip, name))
+                        for name, attr in self.encoders.items()}
+        # a chat template around every prompt (Qwen): ids before and after, output rows dropped
+        self.templates = {name: family.template_tokens(clip, name) for name in self.encoders}
+        head_shift = {name: len(head) - cut for name, (head, _, cut) in self.templates.items()}
+        self.context_parts = [(name, offset + head_shift[name]) for name, offset in family.context_parts(self.encoders)]
         self._tables: dict[str, torch.Tensor] = {}
 
     def _ready(self, clip):
@@ -329,12 +338,15 @@ class ComfyText:
         device = self._ready(clip)
         hooks = (torch.autograd.graph.saved_tensors_hooks(_clone_saved, _same_saved) if grad
                  else contextlib.nullcontext())
+        no_out = compat.differentiable_text_encoder() if grad else contextlib.nullcontext()
         outputs = {}
-        with hooks, _device_context(device):
+        with hooks, no_out, _device_context(device):
             for name, attr in self.encoders.items():
-                outputs[name] = getattr(clip.cond_stage_model, attr)([self._tokens(p[name]) for p in prompts])
+                head, tail, cut = self.templates[name]
+                z, *rest = getattr(clip.cond_stage_model, attr)([[*head, *self._tokens(p[name]), *tail] for p in prompts])
+                outputs[name] = (z[:, cut:], *rest)
         context, extras = self.family.combine(outputs)
-        mask = slot_mask(prompts, self.family.context_parts(self.encoders), context.shape[1], context.device)
+        mask = slot_mask(prompts, self.context_parts, context.shape[1], context.device)
         return Conditioning(context, mask, extras)
 
 
@@ -375,6 +387,22 @@ def clip_family(clip, input_name: str = "clip") -> FamilyAdapter:
     raise InputError(f"{input_name}: no supported model family reads this CLIP ({type(clip.cond_stage_model).__name__})")
 
 
+def template_tokenizer(clip, family: FamilyAdapter):
+    """tokenize(text) for the template's text on either side of the slot, in the vocabulary
+    tokenizer: the word tokenizer itself, except for byte-level BPE (Qwen), where the text before
+    the slot ends at its last word (the space goes with the word) and the text after it keeps
+    its leading space."""
+    tokenize, _, _ = tokenizer_functions(clip, family)
+    if not family.word_prefix:
+        return tokenize
+    hf = family.vocabulary_tokenizer(clip).tokenizer
+
+    def tokenize_text(text: str) -> list[int]:
+        return [int(i) for i in hf(text.rstrip())["input_ids"]]
+
+    return tokenize_text
+
+
 def encoder_tokenizers(clip, family: FamilyAdapter) -> dict:
     """For each encoder with its own tokenizer (family.own_tokenizers, e.g. Flux's T5):
     (tokenize(text) -> ids without start/end, its TokenLayout, reserved ids). ComfyUI's
@@ -390,16 +418,20 @@ def encoder_tokenizers(clip, family: FamilyAdapter) -> dict:
             return [int(i) for word in text.split() for i in hf(word)["input_ids"][first:-1]]
 
         reserved = {tok.end_token, tok.pad_token, hf.unk_token_id} - {None}
-        out[name] = (tokenize, _layout(tok), reserved)
+        out[name] = (tokenize, _layout(tok, family.layout_end(clip, name)), reserved)
     return out
 
 
 def tokenizer_functions(clip, family: FamilyAdapter | None = None):
     """(tokenize(text) -> BPE ids without start/end, BPE vocabulary dict, reserved ids) of the
     tokenizer every text encoder of the family reads (the family of the CLIP if not given)."""
-    tok = (family or clip_family(clip)).vocabulary_tokenizer(clip)
+    family = family or clip_family(clip)
+    tok = family.vocabulary_tokenizer(clip)
     hf = tok.tokenizer
-    if getattr(tok, "start_token", None) is None:  # a T5 (Chroma): ComfyUI tokenizes word by word
+    if family.word_prefix:  # byte-level BPE (Qwen): a word after a space, as it reads inside a prompt
+        def tokenize(text: str) -> list[int]:
+            return [int(i) for i in hf(family.word_prefix + text)["input_ids"]]
+    elif getattr(tok, "start_token", None) is None:  # a T5 (Chroma): ComfyUI tokenizes word by word
         def tokenize(text: str) -> list[int]:
             return [int(i) for word in text.split() for i in hf(word)["input_ids"][:-1]]
     else:
@@ -409,6 +441,9 @@ def tokenizer_functions(clip, family: FamilyAdapter | None = None):
     reserved = {getattr(tok, "start_token", None), tok.end_token, hf.unk_token_id} - {None}
     if getattr(tok, "start_token", None) is None:
         reserved.add(tok.pad_token)  # T5's <pad> (0); CLIP's SD2.x pad id 0 is the "!" token, a real piece
+    end = family.layout_end(clip, family.vocabulary_encoder)
+    if end is not None:
+        reserved.add(end)  # a chat template's end token (Qwen's <|im_end|>), typed as a word
     return tokenize, hf.get_vocab(), reserved
 
 

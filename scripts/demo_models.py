@@ -1632,6 +1632,125 @@ def write_flux_lora(path, model_patcher, deltas: dict[str, torch.Tensor], rank: 
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# Qwen-Image
+
+# Qwen2.5-VL at tiny size (its vision tower has a fixed size of 659M parameters: it is built but
+# never initialized or run, since text-only prompts do not reach it; torch.empty leaves its pages
+# untouched) and a 2-block Qwen-Image transformer on its 64-wide context.
+TINY_QWEN25_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                      "num_hidden_layers": 2}
+TINY_QWEN_IMAGE_CONFIG = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
+                          "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
+                          "axes_dims_rope": [8, 12, 12]}
+QWEN_STRENGTH = 1.5  # as FLUX_STRENGTH: Qwen-Image normalizes its keys too (norm_added_k)
+QWEN_SIGMAS = (1.0, 0.75, 0.5)
+
+
+def tiny_qwen_image_clip(seed: int = 0, dtype=torch.float32):
+    """Qwen-Image's text side at tiny size: comfy.text_encoders.qwen_image's tokenizer (the chat
+    template, byte-level BPE) and QwenImageTEModel on a 2-layer, 64-wide Qwen2.5 language model
+    (TINY_QWEN25_CONFIG); the language model's weights seeded, the vision tower left alone."""
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.qwen_image as qwen_image
+    target = comfy.supported_models_base.ClipTarget(qwen_image.QwenImageTokenizer, qwen_image.te(dtype_llama=dtype))
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, "qwen25_7b_model_config": dict(TINY_QWEN25_CONFIG)})
+    init_parameters_(clip.cond_stage_model.qwen25_7b.transformer.model, _generator(seed, 2), gain=CLIP_LAYER_GAIN,
+                     embedding_std={"embed_tokens.weight": 1.0}, scalars={"weight": 1.0})
+    return clip
+
+
+def tiny_qwen_image(seed: int = 0):
+    """Tiny Qwen-Image: (ModelPatcher of comfy.supported_models.QwenImage on
+    TINY_QWEN_IMAGE_CONFIG, tiny_qwen_image_clip, None: no VAE, Qwen-Image's is a video VAE)."""
+    import comfy.supported_models
+    config = comfy.supported_models.QwenImage(dict(TINY_QWEN_IMAGE_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    init_parameters_(base.diffusion_model, _generator(seed, 1), scalars={"weight": 1.0, "scale": 1.0})
+    return _model_patcher(base), tiny_qwen_image_clip(seed), None
+
+
+def qwen_text_kv_keys(model_patcher) -> list[str]:
+    """State-dict keys of every block's text-stream key and value projections (add_k_proj,
+    add_v_proj), in block order."""
+    keys = model_patcher.model.state_dict().keys()
+    found = [k for k in keys if re.fullmatch(r"diffusion_model\.transformer_blocks\.\d+\.attn\.add_[kv]_proj\.weight", k)]
+    return sorted(found, key=lambda k: (int(k.split(".")[2]), k))
+
+
+def qwen_text_inputs(model_patcher, clip, prompt: str, sigmas=QWEN_SIGMAS, seed: int = 0, size: int = 8):
+    """{block index: the input of its add_k_proj (= add_v_proj's) [len(sigmas), tokens, 64]} while
+    the model denoises `prompt` from seeded noise over `sigmas` (Euler steps in between)."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([model_patcher])
+    base = model_patcher.model
+    cond = clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)["cond"]
+    noise = torch.randn(1, 16, 1, size, size, generator=_generator(seed, 8))
+    x = base.model_sampling.noise_scaling(torch.tensor([float(sigmas[0])]), noise, torch.zeros_like(noise))
+    extra = {k: v.process_cond(batch_size=1, area=None).cond for k, v in
+             base.extra_conds(cross_attn=cond, device="cpu", noise=x).items()}
+    blocks = base.diffusion_model.transformer_blocks
+    seen = {i: [] for i in range(len(blocks))}
+    handles = [b.attn.add_k_proj.register_forward_pre_hook(
+        (lambda i: lambda mod, args: seen[i].append(args[0].detach().float()[0]))(i)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for j, sigma in enumerate(sigmas):
+                denoised = base.apply_model(x, torch.tensor([float(sigma)]), **extra).float()
+                if j + 1 < len(sigmas):
+                    x = x + (x - denoised) / float(sigma) * (float(sigmas[j + 1]) - float(sigma))
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.stack(v) for i, v in seen.items()}
+
+
+def qwen_slot_positions(clip, template: str, word: str) -> list[int]:
+    """Positions of `word`'s tokens (" word": byte-level BPE reads the space with it) in the
+    context ComfyUI's Qwen-Image text encoder gives for template.format(word) (the user's text
+    onwards)."""
+    hf = clip.tokenizer.qwen25_7b.tokenizer
+    before = template.split("{}")[0].rstrip()
+    start = len(hf(before)["input_ids"]) if before else 0
+    return list(range(start, start + len(hf(" " + word)["input_ids"])))
+
+
+def qwen_planted_edit(model_patcher, clip, planted, vocabulary, template: str = TEMPLATE,
+                      strength: float = QWEN_STRENGTH, lam: float = FLUX_LAM, eps: float = FLUX_EPS,
+                      seed: int = DEMO_SEED, sigmas=QWEN_SIGMAS):
+    """(clone with the planted edit as "diff" patches, stats): a closed-form edit (uce_delta) of
+    every block's text key and value projections so that the planted words' tokens get other
+    keys and values and every other position of every vocabulary prompt keeps its own; edit
+    and preserve vectors are the projections' inputs at `sigmas` (qwen_text_inputs). Stats:
+    mean relative change of the projected vectors for planted and for preserved positions."""
+    planted = list(dict.fromkeys(planted))
+    others = [w for w in dict.fromkeys(vocabulary) if w not in set(planted)]
+    inputs = {w: qwen_text_inputs(model_patcher, clip, template.format(w), sigmas, seed) for w in planted + others}
+    weights = _effective_weights(model_patcher, qwen_text_kv_keys(model_patcher))
+    gen = _generator(seed, 4)
+    deltas, changes = {}, {"planted": [], "preserved": []}
+    for key, w in weights.items():
+        block = int(key.split(".")[2])
+        edit = torch.stack([inputs[p][block][:, qwen_slot_positions(clip, template, p)].mean(0).mean(0) for p in planted])
+        keep = []
+        for word, per_block in inputs.items():
+            x = per_block[block]  # (n_sigmas, tokens, 64)
+            slot = set(qwen_slot_positions(clip, template, word)) if word in planted else set()
+            rows = [t for t in range(x.shape[1]) if t not in slot]
+            keep.append(x[:, rows].reshape(-1, x.shape[-1]))  # (n_sigmas * kept, 64)
+        preserve = torch.cat(keep)
+        d = uce_delta(w, edit, preserve, strength, lam, eps, gen)
+        deltas[key] = d
+        changes["planted"].append(_relative_change(w, d, edit))
+        changes["preserved"].append(_relative_change(w, d, preserve))
+    patched = clone_with_deltas(model_patcher, deltas)
+    stats = {f"{k}_rel_change": _summary(torch.cat(v)) for k, v in changes.items()}
+    patched.driftscope_planted_stats = stats
+    return patched, stats
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Generate DriftScope's demo models (no downloads).")
     ap.add_argument("--comfy", required=True, help="the ComfyUI folder (holding comfy/ and main.py)")

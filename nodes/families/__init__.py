@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from .base import FamilyAdapter, UnsupportedFamily
 from .flux import Chroma, Flux
+from .qwen_image import QwenImage
 from .sd import SD
 from .sdxl import SDXL
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (SDXL(), Chroma(), Flux(), SD())  # subclasses before their parents
+ADAPTERS: tuple[FamilyAdapter, ...] = (SDXL(), Chroma(), Flux(), QwenImage(), SD())  # subclasses before their parents
 UNSUPPORTED = {  # ComfyUI model class -> what the README's family table says about it
     "ChromaRadiance": "Chroma Radiance", "LongCatImage": "LongCat-Image", "Flux2": "Flux.2", "SD3": "SD3 / SD3.5", "Lumina2": "Z-Image / Lumina 2",
-    "QwenImage": "Qwen-Image", "WAN21": "Wan 2.x", "HiDream": "HiDream", "SDXLRefiner": "the SDXL refiner",
+"WAN21": "Wan 2.x", "HiDream": "HiDream", "SDXLRefiner": "the SDXL refiner",
 }
 
 

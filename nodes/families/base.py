@@ -31,6 +31,17 @@ class FamilyAdapter:
         """The SDTokenizer of the encoder at `attr` (the same attribute name as its model's)."""
         return getattr(clip.tokenizer, attr)
 
+    word_prefix = ""  # text before a candidate word when it is tokenized (" " for byte-level BPE)
+
+    def template_tokens(self, clip, encoder: str) -> tuple[list[int], list[int], int]:
+        """Token ids the host puts around every prompt of `encoder` (a chat template), and how
+        many leading output rows the family's encoder drops; none by default."""
+        return [], [], 0
+
+    def layout_end(self, clip, encoder: str) -> int | None:
+        """The token that ends a prompt, where the tokenizer adds none itself (a chat template's)."""
+        return None
+
     def context_parts(self, encoders) -> tuple[tuple[str, int], ...]:
         """Which encoders' token positions the context rows are, from which row
         (conditioning.slot_mask); by default the first encoder's, from row 0."""
