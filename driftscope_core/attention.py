@@ -46,19 +46,22 @@ def slot_map(probs: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
 JOINT_CHUNK_ELEMENTS = 1 << 25  # attention scores held at once by joint_slot_map (128 MB in float32)
 
 
-def joint_slot_map(q: torch.Tensor, k: torch.Tensor, slot_mask: torch.Tensor,
-                   chunk_elements: int = JOINT_CHUNK_ELEMENTS) -> torch.Tensor:
-    """The slot word's map (Bc, N) in a joint attention over [text (T) | image (N)] tokens:
-    the softmax over all T + N keys of each image query, taken at the slot's key columns,
-    averaged over the slot's tokens (slot_mask (Bc, T)) and over heads. q, k are (B, H, L, dh)
-    as the host's attention receives them (position encoding applied), L = T + N; only the
-    first Bc rows (the conditional branch) are read. Computed a few heads and query rows at a
-    time, so a 1024 px Flux block (4,096 image queries) never holds its full score matrix."""
+def joint_slot_map(q: torch.Tensor, k: torch.Tensor, slot_mask: torch.Tensor, first_image: int | None = None,
+                   images: int | None = None, chunk_elements: int = JOINT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The slot word's map (Bc, N) in a joint attention over [text | image] tokens: the softmax
+    over all L keys of each image query, taken at the slot's key columns, averaged over the
+    slot's tokens (slot_mask (Bc, T): the text's first T columns) and over heads. q, k are
+    (B, H, L, dh) as the host's attention receives them (position encoding applied); the image
+    queries are the N rows from `first_image` (default: T, right after the text; a family that
+    pads its text, Z-Image, says where they start) on (default: to the end). Only the first Bc
+    rows of the batch (the conditional branch) are read. Computed a few heads and query rows at
+    a time, so a 1024 px Flux block (4,096 image queries) never holds its full score matrix."""
     bc, t = slot_mask.shape
     b, heads, length, dh = q.shape
+    first = t if first_image is None else first_image
+    queries = length - first if images is None else images
     weights = slot_mask.to(device=q.device, dtype=torch.float32)
     weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)  # (Bc, T)
-    queries = length - t
     rows = max(1, min(queries, chunk_elements // max(1, bc * length)))  # query rows per chunk, one head at a time
     keys = k[:bc].float()  # (Bc, H, L, dh)
     parts = []
@@ -66,7 +69,7 @@ def joint_slot_map(q: torch.Tensor, k: torch.Tensor, slot_mask: torch.Tensor,
         stop = min(start + rows, queries)
         acc = 0.0
         for h in range(heads):
-            qi = q[:bc, h, t + start : t + stop].float()  # (Bc, n, dh) image queries
+            qi = q[:bc, h, first + start : first + stop].float()  # (Bc, n, dh) image queries
             probs = torch.softmax(qi @ keys[:, h].transpose(-1, -2) * dh**-0.5, dim=-1)  # (Bc, n, L)
             acc = acc + torch.einsum("bnt,bt->bn", probs[..., :t], weights)  # (Bc, n)
         parts.append(acc / heads)
@@ -103,16 +106,18 @@ class SlotAttentionProbe:
         self.maps.append(slot_map(probs[:rows], self.slot_mask.to(probs.device)))
         return attend(probs, v).to(q.dtype)
 
-    def joint(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Record one joint-attention call (q, k (B, H, T + N, dh), text tokens first); the host
-        computes the output itself. The resolution rule is the same as for cross-attention
-        (the number of image queries); the host decides which blocks it hands over."""
-        queries = q.shape[2] - self.slot_mask.shape[1]
+    def joint(self, q: torch.Tensor, k: torch.Tensor, first_image: int | None = None, images: int | None = None) -> None:
+        """Record one joint-attention call (q, k (B, H, L, dh), text tokens first; the image
+        queries as in joint_slot_map); the host computes the output itself. The resolution rule
+        is the same as for cross-attention (the number of image queries); the host decides
+        which blocks it hands over."""
+        first = self.slot_mask.shape[1] if first_image is None else first_image
+        queries = q.shape[2] - first if images is None else images
         if queries < self.resolution:
             return
         if queries > self.resolution:
             self.resolution, self.maps = queries, []
-        self.maps.append(joint_slot_map(q, k, self.slot_mask))
+        self.maps.append(joint_slot_map(q, k, self.slot_mask, first, queries))
 
     def stacked(self) -> torch.Tensor:
         """Recorded maps (Bc, L, Q) over the L recorded layers."""

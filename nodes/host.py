@@ -141,15 +141,19 @@ class DiTDenoiser:
         # repeated to the batch as the sampler does (e.g. Flux's guidance, a single value)
         return {k: c.process_cond(batch_size=x.shape[0], area=None).cond for k, c in conds.items()}
 
-    def _override(self, probe, text_tokens: int, previous):
+    def _override(self, probe, layout: tuple[int, int, int], previous):
+        """An attention override that hands the probe the joint-attention calls the family
+        records: its blocks (family.records), the whole [text | image] sequence (a refiner pass
+        over text or image alone has another length), no mask."""
         family = self.family
+        first_image, images, length = layout
 
         def override(func, q, k, v, heads, *args, **kwargs):
             options = kwargs.get("transformer_options") or {}
             if family.records(options) and kwargs.get("mask") is None:
                 qh, kh = (_heads_first(t, heads, kwargs.get("skip_reshape", False)) for t in (q, k))  # (B, H, L, dh)
-                if qh.shape[2] > text_tokens:
-                    probe.joint(qh, kh)
+                if qh.shape[2] == length:
+                    probe.joint(qh, kh, first_image, images)
             if previous is not None:
                 return previous(func, q, k, v, heads, *args, **kwargs)
             return func(q, k, v, heads, *args, **kwargs)
@@ -161,7 +165,8 @@ class DiTDenoiser:
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         if attention_probe is not None:
             previous = options.get("optimized_attention_override")
-            options["optimized_attention_override"] = self._override(attention_probe, cond.context.shape[1], previous)
+            layout = self.family.joint_tokens(self.patcher, cond.context.shape[1], x)
+            options["optimized_attention_override"] = self._override(attention_probe, layout, previous)
         grad = torch.is_grad_enabled()
         # paper mode: kernels with a backward, and saved tensors cloned because Flux's blocks add
         # their residuals in place (img += ..., txt += ...)

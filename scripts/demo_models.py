@@ -1751,6 +1751,87 @@ def qwen_planted_edit(model_patcher, clip, planted, vocabulary, template: str = 
     return patched, stats
 
 
+# --------------------------------------------------------------------------------------------
+# Z-Image
+
+TINY_QWEN3_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 1, "num_key_value_heads": 1,
+                     "num_hidden_layers": 3}
+# NextDiT with Z-Image's modulation: 256 wide (2 heads x 128, axes_dims add up to 128), one
+# refiner layer per stream, two main layers, caption and image padded to multiples of 32.
+TINY_Z_IMAGE_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 64,
+                       "n_layers": 2, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2,
+                       "axes_dims": [32, 48, 48], "axes_lens": [64, 32, 32], "rope_theta": 256.0,
+                       "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+                       "pad_tokens_multiple": 32, "multiple_of": 32}
+Z_IMAGE_STRENGTH = 1.5
+
+
+def tiny_z_image_clip(seed: int = 0, dtype=torch.float32):
+    """Z-Image's text side at tiny size: comfy.text_encoders.z_image's tokenizer (chat template,
+    byte-level BPE) and ZImageTEModel (Qwen3 read at its second-to-last layer) on a 3-layer,
+    64-wide Qwen3 (TINY_QWEN3_CONFIG), seeded."""
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.z_image as z_image
+    target = comfy.supported_models_base.ClipTarget(z_image.ZImageTokenizer, z_image.te(dtype_llama=dtype))
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, "qwen3_4b_model_config": dict(TINY_QWEN3_CONFIG)})
+    init_parameters_(clip.cond_stage_model.qwen3_4b.transformer, _generator(seed, 2), gain=CLIP_LAYER_GAIN,
+                     embedding_std={"embed_tokens.weight": 1.0}, scalars={"weight": 1.0})
+    return clip
+
+
+def tiny_z_image(seed: int = 0):
+    """Tiny Z-Image: (ModelPatcher of comfy.supported_models.ZImage on TINY_Z_IMAGE_CONFIG (a
+    comfy.model_base.Lumina2, flow model), tiny_z_image_clip, None: no VAE)."""
+    import comfy.supported_models
+    config = comfy.supported_models.ZImage(dict(TINY_Z_IMAGE_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    init_parameters_(base.diffusion_model, _generator(seed, 1), scalars={"weight": 1.0, "pad_token": 0.0})
+    return _model_patcher(base), tiny_z_image_clip(seed), None
+
+
+def z_image_slot_positions(clip, template: str, word: str) -> list[int]:
+    """Positions of `word`'s tokens (" word") in the context ComfyUI's Z-Image text encoder gives
+    for template.format(word): the chat template's head, the template's text, then the word."""
+    hf = clip.tokenizer.qwen3_4b.tokenizer
+    head = len(hf(clip.tokenizer.llama_template.split("{}")[0])["input_ids"])
+    before = template.split("{}")[0].rstrip()
+    start = head + (len(hf(before)["input_ids"]) if before else 0)
+    return list(range(start, start + len(hf(" " + word)["input_ids"])))
+
+
+def z_image_planted_edit(model_patcher, clip, planted, vocabulary, template: str = TEMPLATE,
+                         strength: float = Z_IMAGE_STRENGTH, lam: float = FLUX_LAM, eps: float = FLUX_EPS,
+                         seed: int = DEMO_SEED):
+    """(clone with the planted edit as a "diff" patch, stats): a closed-form edit (uce_delta) of
+    the caption embedder's projection (cap_embedder.1, the text's way into the transformer, which
+    needs no image or timestep), moving the planted words' tokens and keeping every other
+    position of every vocabulary prompt. Its inputs are the caption embedder's RMS-normed
+    context rows."""
+    planted = list(dict.fromkeys(planted))
+    others = [w for w in dict.fromkeys(vocabulary) if w not in set(planted)]
+    norm = model_patcher.model.diffusion_model.cap_embedder[0]
+    edit, keep = [], []
+    with torch.no_grad():
+        for word in planted + others:
+            cond = clip.encode_from_tokens(clip.tokenize(template.format(word)), return_dict=True)["cond"].float()[0]
+            x = norm(cond)  # (T, 64): the projection's inputs
+            slot = z_image_slot_positions(clip, template, word)
+            if word in planted:
+                edit.append(x[slot].mean(0))
+            keep.append(x[[t for t in range(x.shape[0]) if word not in planted or t not in slot]])
+    key = "diffusion_model.cap_embedder.1.weight"
+    w = _effective_weights(model_patcher, [key])[key]
+    edit, preserve = torch.stack(edit), torch.cat(keep)
+    delta = uce_delta(w, edit, preserve, strength, lam, eps, _generator(seed, 4))
+    patched = clone_with_deltas(model_patcher, {key: delta})
+    stats = {"planted_rel_change": _summary(_relative_change(w, delta, edit)),
+             "preserved_rel_change": _summary(_relative_change(w, delta, preserve))}
+    patched.driftscope_planted_stats = stats
+    return patched, stats
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Generate DriftScope's demo models (no downloads).")
     ap.add_argument("--comfy", required=True, help="the ComfyUI folder (holding comfy/ and main.py)")

@@ -59,6 +59,14 @@ class FamilyAdapter:
         no guidance input)."""
         return {"cfg": None, "guidance": None}
 
+    def joint_tokens(self, model, text_tokens: int, latent: torch.Tensor) -> tuple[int, int, int]:
+        """Joint attention's layout for a context of `text_tokens` and latents (B, C, [T,] h, w):
+        (first image query row, image tokens, sequence length) — by default [text | image
+        patches] with nothing padded."""
+        patch = model.model.model_config.unet_config.get("patch_size", 2) or 1
+        images = (latent.shape[-2] // patch) * (latent.shape[-1] // patch)
+        return text_tokens, images, text_tokens + images
+
     def records(self, transformer_options) -> bool:
         """Joint attention: whether the slot map is read in the block these options describe."""
         return True

@@ -228,5 +228,5 @@ def test_unsupported_family_is_named_with_the_supported_ones(pack, demo_models):
     demo_models.init_parameters_(sd3_model.diffusion_model, torch.Generator().manual_seed(0), scalars={"pos_embed": 0.0})
     sd3 = demo_models._model_patcher(sd3_model)
     _, clip, _ = demo_models.tiny_sd15(0)
-    with pytest.raises(ValueError, match=r"base_model: model family SD3 / SD3.5 is not supported yet.*SDXL, Chroma, Flux.1, SD1.x/SD2.x"):
+    with pytest.raises(ValueError, match=r"base_model: model family SD3 / SD3.5 is not supported yet.*SDXL, Chroma, Flux.1, Qwen-Image, Z-Image, SD1.x/SD2.x"):
         pack.nodes.host.check_pair(sd3, sd3, clip, clip)
