@@ -164,7 +164,7 @@ class DriftScopeAudit(io.ComfyNode):
                         "erasure) changed most: compares the base and adapted models' attention to each word "
                         "(cross-attention in UNets, joint attention in the DiTs) on the same noise, re-scores the top words on shared seeds and calibrates "
                         "them against random words. Supports SD1.x, SD2.x, SDXL (with Pony, Illustrious, NoobAI), "
-                        "Flux.1 dev/schnell, Chroma, Qwen-Image and Z-Image models; other families get an error that names them. The input models are not modified.",
+                        "Flux.1 dev/schnell, Chroma, Qwen-Image, Z-Image and SD3/SD3.5 models; other families get an error that names them. The input models are not modified.",
             inputs=[
                 io.Model.Input("base_model", tooltip="The model before adaptation (e.g. from Load Checkpoint)."),
                 io.Clip.Input("base_clip", tooltip="The base model's CLIP."),
@@ -209,7 +209,7 @@ class DriftScopeAudit(io.ComfyNode):
                 io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="CFG scale of the audit's denoising; 0 follows the model family as users sample it: "
                                        "the preset's 7.5 for SD1.x, SD2.x and SDXL, 1.0 for Flux dev and schnell "
-                                       "(one model evaluation per step), 4.0 for Chroma, 2.5 for Qwen-Image, 1.0 for Z-Image (Turbo)."),
+                                       "(one model evaluation per step), 4.0 for Chroma, 2.5 for Qwen-Image, 1.0 for Z-Image (Turbo), 4.5 for SD3.5."),
                 io.Float.Input("guidance", default=-1.0, min=-1.0, max=100.0, step=0.1, optional=True,
                                tooltip="Distilled guidance for families that take it (Flux dev, as FluxGuidance sets it); "
                                        "-1 uses the family's default (3.5 for Flux dev). Other families ignore it."),

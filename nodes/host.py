@@ -46,8 +46,7 @@ def check_pair(base_model, adapted_model, base_clip, adapted_clip) -> FamilyAdap
             "different architectures; compare an adaptation with the checkpoint it was made from."
         )
     for name, clip in (("base_clip", base_clip), ("adapted_clip", adapted_clip)):
-        encoders = fam_b.encoders(clip, name)
-        width = sum(_embedding(clip, encoders[e]).weight.shape[1] for e in fam_b.context_encoders(encoders))
+        width = fam_b.clip_context_width(clip, fam_b.encoders(clip, name))
         if width != ctx_b:
             raise InputError(f"{name}: text encoder width {width} does not match the model's context {ctx_b}; "
                              "connect the CLIP of the same checkpoint.")
@@ -414,7 +413,7 @@ def encoder_tokenizers(clip, family: FamilyAdapter) -> dict:
     tokenizer splits a prompt at spaces and tokenizes each word on its own; so does this."""
     encoders = family.encoders(clip, "base_clip")
     out = {}
-    for name in family.own_tokenizers:
+    for name in (n for n in family.own_tokenizers if n in encoders):
         tok = family.tokenizer(clip, encoders[name])
         hf = tok.tokenizer
         first = 0 if getattr(tok, "start_token", None) is None else 1

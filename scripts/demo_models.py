@@ -1832,6 +1832,126 @@ def z_image_planted_edit(model_patcher, clip, planted, vocabulary, template: str
     return patched, stats
 
 
+# --------------------------------------------------------------------------------------------
+# SD3 / SD3.5
+
+# SD3's text side stacks CLIP-L/G (padded to 4096 wide) and T5 along the sequence, so T5 must be
+# 4096 wide even at tiny size: one layer, one 16-wide head, its 32k x 4096 embedding (130M of its
+# 133M parameters, 0.5 GB fp32) is most of the model.
+TINY_SD3_T5_CONFIG = {"d_model": 4096, "d_ff": 64, "num_heads": 1, "d_kv": 16, "num_layers": 1}
+TINY_SD3_CONFIG = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+                   "adm_in_channels": 128, "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
+                   "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+                   "x_block_self_attn_layers": []}
+SD3_STRENGTH = 1.5
+
+
+def tiny_sd3_clip(seed: int = 0, t5: bool = True, dtype=torch.float32):
+    """SD3's text side at tiny size: comfy.text_encoders.sd3_clip's tokenizer and SD3ClipModel
+    with CLIP-L and CLIP-G (3 layers x 64, read at layer -2; pooled 64 + 64 = 128) and, with `t5`,
+    TINY_SD3_T5_CONFIG; seeded."""
+    import comfy.text_encoders.sd3_clip as sd3_clip
+    options = {"clip_l_model_config": dict(TINY_SDXL_TEXT_CONFIG), "clip_g_model_config": dict(TINY_SDXL_TEXT_CONFIG)}
+    if t5:
+        options["t5xxl_model_config"] = dict(TINY_SD3_T5_CONFIG)
+    return _seeded_text_side(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=t5, dtype_t5=dtype),
+                             options, seed, dtype)
+
+
+def tiny_sd3(seed: int = 0, t5: bool = True):
+    """Tiny SD3: (ModelPatcher of comfy.supported_models.SD3 on TINY_SD3_CONFIG (MMDiT depth 2,
+    128 wide; a comfy.model_base.SD3, flow, shift 3), tiny_sd3_clip, None: no VAE)."""
+    import comfy.supported_models
+    config = comfy.supported_models.SD3(dict(TINY_SD3_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    init_parameters_(base.diffusion_model, _generator(seed, 1), scalars={"pos_embed": 0.0})
+    with torch.no_grad():  # pos_embed is a buffer (a checkpoint carries it): torch.empty left garbage, NaN at times
+        base.diffusion_model.pos_embed.normal_(0.0, 0.02, generator=_generator(seed, 3))
+    return _model_patcher(base), tiny_sd3_clip(seed, t5), None
+
+
+def sd3_slot_positions(clip, template: str, word: str) -> list[int]:
+    """The word's rows in SD3's context for template.format(word): its CLIP tokens in rows 0-76
+    and, with T5, its T5 pieces in rows 77-153."""
+    tokens = clip.tokenize(template.format(word))
+    clip_ids = [int(t) for t, *_ in tokens["l"][0]]
+    word_ids = [int(t) for t, *_ in clip.tokenize(word)["l"][0]][1:]
+    word_ids = word_ids[: word_ids.index(49407)]
+    rows = next(list(range(i, i + len(word_ids))) for i in range(len(clip_ids)) if clip_ids[i:i + len(word_ids)] == word_ids)
+    if clip.cond_stage_model.t5xxl is not None:
+        t5_ids = [int(t) for t, *_ in tokens["t5xxl"][0]]
+        pieces = [int(t) for t, *_ in clip.tokenize(word)["t5xxl"][0]]
+        pieces = pieces[: pieces.index(1)]
+        rows += next([77 + j for j in range(i, i + len(pieces))] for i in range(len(t5_ids))
+                     if t5_ids[i:i + len(pieces)] == pieces)
+    return rows
+
+
+def sd3_context_inputs(model_patcher, clip, prompt: str, sigmas=QWEN_SIGMAS, seed: int = 0, size: int = 8):
+    """{block index: the input of its context_block.attn.qkv [len(sigmas), 154, 128]} while the
+    model denoises `prompt` from seeded noise over `sigmas` (Euler steps in between)."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([model_patcher])
+    base = model_patcher.model
+    out = clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)
+    noise = torch.randn(1, 16, size, size, generator=_generator(seed, 8))
+    x = base.model_sampling.noise_scaling(torch.tensor([float(sigmas[0])]), noise, torch.zeros_like(noise))
+    extra = {k: v.process_cond(batch_size=1, area=None).cond for k, v in
+             base.extra_conds(cross_attn=out["cond"], pooled_output=out["pooled_output"], device="cpu", noise=x).items()}
+    blocks = base.diffusion_model.joint_blocks
+    seen = {i: [] for i in range(len(blocks))}
+    handles = [b.context_block.attn.qkv.register_forward_pre_hook(
+        (lambda i: lambda mod, args: seen[i].append(args[0].detach().float()[0]))(i)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for j, sigma in enumerate(sigmas):
+                denoised = base.apply_model(x, torch.tensor([float(sigma)]), **extra).float()
+                if j + 1 < len(sigmas):
+                    x = x + (x - denoised) / float(sigma) * (float(sigmas[j + 1]) - float(sigma))
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.stack(v) for i, v in seen.items()}
+
+
+def sd3_planted_edit(model_patcher, clip, planted, vocabulary, template: str = TEMPLATE, strength: float = SD3_STRENGTH,
+                     lam: float = FLUX_LAM, eps: float = FLUX_EPS, seed: int = DEMO_SEED, sigmas=QWEN_SIGMAS):
+    """(clone with the planted edit as "diff" patches, stats): a closed-form edit (uce_delta) of
+    the key and value rows of every joint block's context qkv projection, moving the planted
+    words' rows (both places the word sits in SD3's context) and keeping every other row of
+    every vocabulary prompt."""
+    planted = list(dict.fromkeys(planted))
+    others = [w for w in dict.fromkeys(vocabulary) if w not in set(planted)]
+    inputs = {w: sd3_context_inputs(model_patcher, clip, template.format(w), sigmas, seed) for w in planted + others}
+    keys = sorted(k for k in model_patcher.model.state_dict()
+                  if re.fullmatch(r"diffusion_model\.joint_blocks\.\d+\.context_block\.attn\.qkv\.weight", k))
+    weights = _effective_weights(model_patcher, keys)
+    gen = _generator(seed, 4)
+    deltas, changes = {}, {"planted": [], "preserved": []}
+    for key, w in weights.items():
+        block, hidden = int(key.split(".")[2]), w.shape[1]
+        w_kv = w[hidden:3 * hidden]
+        edit, keep = [], []
+        for word, per_block in inputs.items():
+            x = per_block[block]  # (n_sigmas, 154, 128)
+            rows = sd3_slot_positions(clip, template, word) if word in planted else []
+            if rows:
+                edit += [x[:, r].mean(0) for r in rows]
+            keep.append(x[:, [t for t in range(x.shape[1]) if t not in rows]].reshape(-1, hidden))
+        edit, preserve = torch.stack(edit), torch.cat(keep)
+        d_kv = uce_delta(w_kv, edit, preserve, strength, lam, eps, gen)
+        delta = torch.zeros_like(w)
+        delta[hidden:3 * hidden] = d_kv
+        deltas[key] = delta
+        changes["planted"].append(_relative_change(w_kv, d_kv, edit))
+        changes["preserved"].append(_relative_change(w_kv, d_kv, preserve))
+    patched = clone_with_deltas(model_patcher, deltas)
+    stats = {f"{k}_rel_change": _summary(torch.cat(v)) for k, v in changes.items()}
+    patched.driftscope_planted_stats = stats
+    return patched, stats
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Generate DriftScope's demo models (no downloads).")
     ap.add_argument("--comfy", required=True, help="the ComfyUI folder (holding comfy/ and main.py)")

@@ -12,12 +12,13 @@ from .base import FamilyAdapter, UnsupportedFamily
 from .flux import Chroma, Flux
 from .qwen_image import QwenImage
 from .sd import SD
+from .sd3 import SD3
 from .sdxl import SDXL
 from .z_image import ZImage
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (SDXL(), Chroma(), Flux(), QwenImage(), ZImage(), SD())  # subclasses before their parents
+ADAPTERS: tuple[FamilyAdapter, ...] = (SDXL(), Chroma(), Flux(), QwenImage(), ZImage(), SD3(), SD())  # subclasses before their parents
 UNSUPPORTED = {  # ComfyUI model class -> what the README's family table says about it
-    "ChromaRadiance": "Chroma Radiance", "LongCatImage": "LongCat-Image", "Flux2": "Flux.2", "SD3": "SD3 / SD3.5",
+    "ChromaRadiance": "Chroma Radiance", "LongCatImage": "LongCat-Image", "Flux2": "Flux.2",
     "Lumina2": "Lumina 2 (Gemma text encoder)", "WAN21": "Wan 2.x", "HiDream": "HiDream", "SDXLRefiner": "the SDXL refiner",
 }
 

@@ -51,6 +51,12 @@ class FamilyAdapter:
         """The encoders whose widths add up to the context's width."""
         return list(encoders)
 
+    def clip_context_width(self, clip, encoders) -> int:
+        """The context's width from this CLIP: its context encoders' widths side by side."""
+        cond = clip.cond_stage_model
+        return sum(getattr(cond, encoders[e]).transformer.get_input_embeddings().weight.shape[1]
+                   for e in self.context_encoders(encoders))
+
     def model_context_width(self, model) -> int | None:
         return model.model.model_config.unet_config.get("context_dim")
 

@@ -21,7 +21,7 @@ WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
 SDXL = "sdxl_lora_side_effects"
 AUDIT, GRID, GRID_SAVE, REPORT_SAVE = "10", "11", "12", "13"
 # combos listing the server's model files: the user's own names
-FILE_INPUTS = {"ckpt_name", "lora_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name"}
+FILE_INPUTS = {"ckpt_name", "lora_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name"}
 SDXL_LIVE = os.environ.get("DRIFTSCOPE_SDXL_LIVE", "").strip() == "1"
 # Measured on a busy shared 2-core CPU (README, `make test-sdxl`): the workflow 497 s (ComfyUI
 # 0.33.0) and 528 s (0.3.75), server peak RSS 5.7 and 4.7 GB, the demo files 9.6 min to build

@@ -215,18 +215,17 @@ def test_sdxl_lora_files_through_the_stock_loader_are_audited(pack, sdxl, lora_f
 
 
 def test_unsupported_family_is_named_with_the_supported_ones(pack, demo_models):
-    """An SD3 model (tiny, built with ComfyUI's own SD3 config class) is refused with an error
+    """A Lumina 2 model (tiny, built with ComfyUI's own Lumina2 config class: Z-Image's transformer
+    class without Z-Image's modulation, read by a Gemma text encoder) is refused with an error
     that names its family and the supported ones."""
     import comfy.supported_models
-    cfg = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
-           "adm_in_channels": 128, "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
-           "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
-           "x_block_self_attn_layers": []}
-    config = comfy.supported_models.SD3(cfg)
+    cfg = {k: v for k, v in demo_models.TINY_Z_IMAGE_CONFIG.items() if k not in ("z_image_modulation", "pad_tokens_multiple")}
+    config = comfy.supported_models.Lumina2(cfg)
     config.set_inference_dtype(torch.float32, None)
-    sd3_model = config.get_model({})
-    demo_models.init_parameters_(sd3_model.diffusion_model, torch.Generator().manual_seed(0), scalars={"pos_embed": 0.0})
-    sd3 = demo_models._model_patcher(sd3_model)
+    lumina = config.get_model({})
+    demo_models.init_parameters_(lumina.diffusion_model, torch.Generator().manual_seed(0), scalars={"weight": 1.0, "pad_token": 0.0})
+    lumina = demo_models._model_patcher(lumina)
     _, clip, _ = demo_models.tiny_sd15(0)
-    with pytest.raises(ValueError, match=r"base_model: model family SD3 / SD3.5 is not supported yet.*SDXL, Chroma, Flux.1, Qwen-Image, Z-Image, SD1.x/SD2.x"):
-        pack.nodes.host.check_pair(sd3, sd3, clip, clip)
+    with pytest.raises(ValueError, match=r"base_model: model family Lumina 2 \(Gemma text encoder\) is not supported yet"
+                                         r".*SDXL, Chroma, Flux.1, Qwen-Image, Z-Image, SD3.5, SD1.x/SD2.x"):
+        pack.nodes.host.check_pair(lumina, lumina, clip, clip)
