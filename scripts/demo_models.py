@@ -1680,21 +1680,19 @@ def qwen_text_kv_keys(model_patcher) -> list[str]:
     return sorted(found, key=lambda k: (int(k.split(".")[2]), k))
 
 
-def qwen_text_inputs(model_patcher, clip, prompt: str, sigmas=QWEN_SIGMAS, seed: int = 0, size: int = 8):
-    """{block index: the input of its add_k_proj (= add_v_proj's) [len(sigmas), tokens, 64]} while
-    the model denoises `prompt` from seeded noise over `sigmas` (Euler steps in between)."""
+def _capture_inputs(model_patcher, cond_kwargs: dict, noise: torch.Tensor, modules: list, sigmas) -> list[torch.Tensor]:
+    """The inputs of `modules` [len(sigmas), tokens, width] each (prompt 0 of the batch) while
+    the model denoises `noise` over `sigmas` from the conditioning extra_conds builds out of
+    `cond_kwargs` (Euler steps in between), captured with forward pre-hooks."""
     import comfy.model_management as mm
     mm.load_models_gpu([model_patcher])
     base = model_patcher.model
-    cond = clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)["cond"]
-    noise = torch.randn(1, 16, 1, size, size, generator=_generator(seed, 8))
     x = base.model_sampling.noise_scaling(torch.tensor([float(sigmas[0])]), noise, torch.zeros_like(noise))
     extra = {k: v.process_cond(batch_size=1, area=None).cond for k, v in
-             base.extra_conds(cross_attn=cond, device="cpu", noise=x).items()}
-    blocks = base.diffusion_model.transformer_blocks
-    seen = {i: [] for i in range(len(blocks))}
-    handles = [b.attn.add_k_proj.register_forward_pre_hook(
-        (lambda i: lambda mod, args: seen[i].append(args[0].detach().float()[0]))(i)) for i, b in enumerate(blocks)]
+             base.extra_conds(device="cpu", noise=x, **cond_kwargs).items()}
+    seen = [[] for _ in modules]
+    handles = [m.register_forward_pre_hook((lambda i: lambda mod, args: seen[i].append(args[0].detach().float()[0]))(i))
+               for i, m in enumerate(modules)]
     try:
         with torch.no_grad():
             for j, sigma in enumerate(sigmas):
@@ -1704,7 +1702,17 @@ def qwen_text_inputs(model_patcher, clip, prompt: str, sigmas=QWEN_SIGMAS, seed:
     finally:
         for h in handles:
             h.remove()
-    return {i: torch.stack(v) for i, v in seen.items()}
+    return [torch.stack(v) for v in seen]
+
+
+def qwen_text_inputs(model_patcher, clip, prompt: str, sigmas=QWEN_SIGMAS, seed: int = 0, size: int = 8):
+    """{block index: the input of its add_k_proj (= add_v_proj's) [len(sigmas), tokens, 64]} while
+    the model denoises `prompt` from seeded noise over `sigmas`."""
+    cond = clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)["cond"]
+    noise = torch.randn(1, 16, 1, size, size, generator=_generator(seed, 8))  # one video frame
+    blocks = model_patcher.model.diffusion_model.transformer_blocks
+    inputs = _capture_inputs(model_patcher, {"cross_attn": cond}, noise, [b.attn.add_k_proj for b in blocks], sigmas)
+    return dict(enumerate(inputs))
 
 
 def qwen_slot_positions(clip, template: str, word: str) -> list[int]:
@@ -1890,29 +1898,13 @@ def sd3_slot_positions(clip, template: str, word: str) -> list[int]:
 
 def sd3_context_inputs(model_patcher, clip, prompt: str, sigmas=QWEN_SIGMAS, seed: int = 0, size: int = 8):
     """{block index: the input of its context_block.attn.qkv [len(sigmas), 154, 128]} while the
-    model denoises `prompt` from seeded noise over `sigmas` (Euler steps in between)."""
-    import comfy.model_management as mm
-    mm.load_models_gpu([model_patcher])
-    base = model_patcher.model
+    model denoises `prompt` from seeded noise over `sigmas`."""
     out = clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)
     noise = torch.randn(1, 16, size, size, generator=_generator(seed, 8))
-    x = base.model_sampling.noise_scaling(torch.tensor([float(sigmas[0])]), noise, torch.zeros_like(noise))
-    extra = {k: v.process_cond(batch_size=1, area=None).cond for k, v in
-             base.extra_conds(cross_attn=out["cond"], pooled_output=out["pooled_output"], device="cpu", noise=x).items()}
-    blocks = base.diffusion_model.joint_blocks
-    seen = {i: [] for i in range(len(blocks))}
-    handles = [b.context_block.attn.qkv.register_forward_pre_hook(
-        (lambda i: lambda mod, args: seen[i].append(args[0].detach().float()[0]))(i)) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for j, sigma in enumerate(sigmas):
-                denoised = base.apply_model(x, torch.tensor([float(sigma)]), **extra).float()
-                if j + 1 < len(sigmas):
-                    x = x + (x - denoised) / float(sigma) * (float(sigmas[j + 1]) - float(sigma))
-    finally:
-        for h in handles:
-            h.remove()
-    return {i: torch.stack(v) for i, v in seen.items()}
+    blocks = model_patcher.model.diffusion_model.joint_blocks
+    inputs = _capture_inputs(model_patcher, {"cross_attn": out["cond"], "pooled_output": out["pooled_output"]}, noise,
+                             [b.context_block.attn.qkv for b in blocks], sigmas)
+    return dict(enumerate(inputs))
 
 
 def sd3_planted_edit(model_patcher, clip, planted, vocabulary, template: str = TEMPLATE, strength: float = SD3_STRENGTH,

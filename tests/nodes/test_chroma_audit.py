@@ -4,10 +4,8 @@ in-process Chroma models (scripts/demo_models.tiny_chroma)."""
 import pytest
 import torch
 
-import comfy.model_management
-import comfy.samplers
-
-from audit_helpers import TEMPLATE, WORDS, audit
+from audit_helpers import (TEMPLATE, WORDS, assert_paper_mode_leaves_models_unchanged, audit, family_prompts,
+                           pack_first_x0, stock_first_x0)
 
 SIZE = 64
 PLANTED = ("bicycle", "castle", "violin")  # one T5 piece each (see test_flux_audit.py)
@@ -29,12 +27,8 @@ def chroma_audit(pack, base, clip, adapted, **kw):
 
 
 def _prompts(pack, clip, family, text, words):
-    core, host, node = pack.driftscope_core, pack.nodes.host, pack.nodes.audit
-    tokenize, _, _ = host.tokenizer_functions(clip, family)
-    vocab = node.family_vocabulary(core.vocabulary.from_words(words, tokenize), clip, family)
-    tpl, = node.family_templates([TEMPLATE], clip, family, text, vocab)
-    builder = core.prompts.PromptBuilder(tpl.for_encoder("t5"), text.layouts["t5"])
-    return vocab, [{"t5": builder.prompt(c.ids("t5"))} for c in vocab.candidates]
+    vocab, by_ids, _ = family_prompts(pack, clip, family, text, words)
+    return vocab, by_ids
 
 
 def test_chroma_text_side_is_comfyuis_encode_at_every_length(pack, chroma):
@@ -68,23 +62,11 @@ def test_chroma_x0_equals_the_stock_sampler_with_real_cfg(pack, chroma):
     core, host = pack.driftscope_core, pack.nodes.host
     model, clip, _ = chroma
     family = host.check_pair(model, model, clip, clip)
+    noise = core.sampling.make_noise([3], (16, SIZE // 8, SIZE // 8))
     with torch.inference_mode():
-        runtime = host.runtime_for("fp32", 4, False)
-        base, _ = host.model_sides(family, model, clip, model, clip, runtime, need_grad=False)
-        _, prompts = _prompts(pack, clip, family, base.text, ["castle"])
-        cond, uncond = base.encode(prompts), base.empty_prompt()
-        schedule = host.schedule_of(model, "simple", 10)
-        noise = core.sampling.make_noise([3], (16, SIZE // 8, SIZE // 8))
-        ours, _ = core.objective._guided_x0(base, noise * schedule.initial_scale, schedule.sigmas[0], cond, uncond, 4.0,
-                                            False, runtime)
-        seen = {}
-        guider = comfy.samplers.CFGGuider(model)
-        enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))  # noqa: E731  (CLIPTextEncode's output)
-        guider.set_conds(enc(TEMPLATE.format("castle")), enc(""))
-        guider.set_cfg(4.0)
-        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), schedule.sigmas[:2],
-                      callback=lambda step, x0, x, total: seen.setdefault(step, x0.clone()), disable_pbar=True, seed=3)
-    torch.testing.assert_close(ours, seen[0].float(), atol=1e-5, rtol=1e-4)
+        ours, sigmas = pack_first_x0(pack, family, model, clip, "castle", noise, 4.0)
+        stock = stock_first_x0(model, clip, TEMPLATE.format("castle"), noise, sigmas, 4.0, seed=3)
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-4)
 
 
 def test_chroma_planted_words_on_top_among_words_of_every_length(pack, chroma, chroma_planted):
@@ -101,19 +83,8 @@ def test_chroma_planted_words_on_top_among_words_of_every_length(pack, chroma, c
 
 def test_chroma_paper_mode_leaves_the_models_as_they_were(pack, chroma, chroma_planted):
     model, clip, _ = chroma
-
-    def fingerprint(m):
-        with torch.inference_mode():
-            cond = clip.encode_from_tokens(clip.tokenize("a photo of a castle"), return_dict=True)["cond"]
-            comfy.model_management.load_models_gpu([m])
-            x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-            conds = m.model.extra_conds(cross_attn=cond, pooled_output=None, device=x.device, noise=x)
-            return m.model.apply_model(x, torch.tensor([0.7]), **{k: c.cond for k, c in conds.items()}).clone()
-
-    before = fingerprint(model), fingerprint(chroma_planted)
-    report = chroma_audit(pack, model, clip, chroma_planted, mode="paper", top_k=1, opt_steps=2)
-    assert report.evaluations["adapted"]["unet_backward"] > 0
-    assert all(torch.equal(a, b) for a, b in zip(before, (fingerprint(model), fingerprint(chroma_planted))))
+    assert_paper_mode_leaves_models_unchanged(pack, model, clip, chroma_planted, width=SIZE, height=SIZE,
+                                              scheduler="simple")
 
 
 def test_chroma_refuses_clip_words_with_the_reason(pack, chroma):

@@ -10,7 +10,7 @@ import comfy.samplers
 import comfy.sd
 import comfy.utils
 
-from audit_helpers import TEMPLATE, WORDS, audit
+from audit_helpers import TEMPLATE, WORDS, audit, family_prompts
 
 SIZE = 64  # px: an 8x8 latent, 16 image tokens of 2x2 patches
 # Words that are one T5 piece each (as most common words are in the real T5 vocabulary), so the
@@ -40,17 +40,8 @@ def _comfy(clip, text):
 
 
 def _prompts(pack, clip, family, text, words):
-    """The pack's prompts of `words` for CLIP-L and T5, the slot as ids and as embedding rows,
-    built as the Audit node builds them (T5 has its own tokenizer)."""
-    core, host, node = pack.driftscope_core, pack.nodes.host, pack.nodes.audit
-    tokenize, _, _ = host.tokenizer_functions(clip, family)
-    vocab = node.family_vocabulary(core.vocabulary.from_words(words, tokenize), clip, family)
-    tpl, = node.family_templates([TEMPLATE], clip, family, text, vocab)
-    builders = {n: core.prompts.PromptBuilder(tpl.for_encoder(n), lay) for n, lay in text.layouts.items()}
-    by_ids = [{n: b.prompt(c.ids(n)) for n, b in builders.items()} for c in vocab.candidates]
-    by_rows = [{n: b.prompt(text.token_embedding(n)[torch.tensor(c.ids(n))]) for n, b in builders.items()}
-               for c in vocab.candidates]
-    return vocab, by_ids, by_rows
+    """The pack's prompts of `words` for CLIP-L and T5 (T5 has its own tokenizer)."""
+    return family_prompts(pack, clip, family, text, words)
 
 
 def test_flux_text_side_is_comfyuis_encode(pack, demo_models, flux):

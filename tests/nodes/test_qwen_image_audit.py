@@ -4,10 +4,8 @@ latents, real CFG, and the audit on tiny in-process models (scripts/demo_models.
 import pytest
 import torch
 
-import comfy.model_management
-import comfy.samplers
-
-from audit_helpers import TEMPLATE, WORDS, audit
+from audit_helpers import (TEMPLATE, WORDS, assert_paper_mode_leaves_models_unchanged, audit, family_prompts,
+                           pack_first_x0, stock_first_x0)
 
 SIZE = 64
 PLANTED = ("bicycle", "castle", "violin")
@@ -29,14 +27,7 @@ def qwen_audit(pack, base, clip, adapted, **kw):
 
 
 def _prompts(pack, clip, family, text, words):
-    core, host, node = pack.driftscope_core, pack.nodes.host, pack.nodes.audit
-    tokenize, _, reserved = host.tokenizer_functions(clip, family)
-    vocab = node.family_vocabulary(core.vocabulary.from_words(words, tokenize, reserved_ids=reserved), clip, family)
-    tpl, = node.family_templates([TEMPLATE], clip, family, text, vocab)
-    builder = core.prompts.PromptBuilder(tpl.for_encoder("qwen"), text.layouts["qwen"])
-    by_ids = [{"qwen": builder.prompt(c.ids("qwen"))} for c in vocab.candidates]
-    by_rows = [{"qwen": builder.prompt(text.token_embedding("qwen")[torch.tensor(c.ids("qwen"))])} for c in vocab.candidates]
-    return vocab, by_ids, by_rows
+    return family_prompts(pack, clip, family, text, words)
 
 
 def test_qwen_text_side_is_comfyuis_encode_with_the_chat_template(pack, demo_models, qwen):
@@ -70,24 +61,11 @@ def test_qwen_x0_equals_the_stock_sampler(pack, qwen):
     core, host = pack.driftscope_core, pack.nodes.host
     model, clip, _ = qwen
     family = host.check_pair(model, model, clip, clip)
+    noise = core.sampling.make_noise([5], (16, SIZE // 8, SIZE // 8))  # (1, 16, 8, 8)
     with torch.inference_mode():
-        runtime = host.runtime_for("fp32", 4, False)
-        base, _ = host.model_sides(family, model, clip, model, clip, runtime, need_grad=False)
-        _, by_ids, _ = _prompts(pack, clip, family, base.text, ["castle"])
-        cond, uncond = base.encode(by_ids), base.empty_prompt()
-        schedule = host.schedule_of(model, "simple", 10)
-        noise = core.sampling.make_noise([5], (16, SIZE // 8, SIZE // 8))  # (1, 16, 8, 8)
-        ours, _ = core.objective._guided_x0(base, noise * schedule.initial_scale, schedule.sigmas[0], cond, uncond, 2.5,
-                                            False, runtime)
-        seen = {}
-        guider = comfy.samplers.CFGGuider(model)
-        enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))  # noqa: E731
-        guider.set_conds(enc(TEMPLATE.format("castle")), enc(""))
-        guider.set_cfg(2.5)
-        video = noise.unsqueeze(2)  # (1, 16, 1, 8, 8)
-        guider.sample(video, torch.zeros_like(video), comfy.samplers.sampler_object("euler"), schedule.sigmas[:2],
-                      callback=lambda step, x0, x, total: seen.setdefault(step, x0.clone()), disable_pbar=True, seed=5)
-    torch.testing.assert_close(ours, seen[0].float().squeeze(2), atol=1e-5, rtol=1e-4)
+        ours, sigmas = pack_first_x0(pack, family, model, clip, "castle", noise, 2.5)
+        stock = stock_first_x0(model, clip, TEMPLATE.format("castle"), noise.unsqueeze(2), sigmas, 2.5, seed=5)
+    torch.testing.assert_close(ours, stock.squeeze(2), atol=1e-5, rtol=1e-4)  # (1, 16, 1, 8, 8) -> (1, 16, 8, 8)
 
 
 def test_qwen_planted_words_on_top_and_flagged(pack, qwen, qwen_planted):
@@ -102,18 +80,8 @@ def test_qwen_planted_words_on_top_and_flagged(pack, qwen, qwen_planted):
 
 def test_qwen_paper_mode_leaves_the_models_as_they_were(pack, qwen, qwen_planted):
     model, clip, _ = qwen
-
-    def fingerprint(m):
-        with torch.inference_mode():
-            cond = clip.encode_from_tokens(clip.tokenize("a photo of a castle"), return_dict=True)["cond"]
-            comfy.model_management.load_models_gpu([m])
-            x = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-            return m.model.apply_model(x, torch.tensor([0.7]), c_crossattn=cond).clone()
-
-    before = fingerprint(model), fingerprint(qwen_planted)
-    report = qwen_audit(pack, model, clip, qwen_planted, mode="paper", top_k=1, opt_steps=2)
-    assert report.evaluations["adapted"]["unet_backward"] > 0
-    assert all(torch.equal(a, b) for a, b in zip(before, (fingerprint(model), fingerprint(qwen_planted))))
+    assert_paper_mode_leaves_models_unchanged(pack, model, clip, qwen_planted, latent_shape=(1, 16, 1, 8, 8),
+                                              width=SIZE, height=SIZE, scheduler="simple")
 
 
 @pytest.mark.parametrize("template", ["{} in the snow", "a photo of a({})"])

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import comfy.model_management
-import comfy.samplers
 
-from audit_helpers import TEMPLATE, WORDS, audit
+from audit_helpers import (TEMPLATE, WORDS, assert_paper_mode_leaves_models_unchanged, audit, family_prompts,
+                           pack_first_x0, stock_first_x0)
 
 SIZE = 64
 PLANTED = ("bicycle", "castle", "violin")
@@ -29,14 +29,7 @@ def z_audit(pack, base, clip, adapted, **kw):
 
 
 def _prompts(pack, clip, family, text, words):
-    core, host, node = pack.driftscope_core, pack.nodes.host, pack.nodes.audit
-    tokenize, _, reserved = host.tokenizer_functions(clip, family)
-    vocab = node.family_vocabulary(core.vocabulary.from_words(words, tokenize, reserved_ids=reserved), clip, family)
-    tpl, = node.family_templates([TEMPLATE], clip, family, text, vocab)
-    builder = core.prompts.PromptBuilder(tpl.for_encoder("qwen"), text.layouts["qwen"])
-    by_ids = [{"qwen": builder.prompt(c.ids("qwen"))} for c in vocab.candidates]
-    by_rows = [{"qwen": builder.prompt(text.token_embedding("qwen")[torch.tensor(c.ids("qwen"))])} for c in vocab.candidates]
-    return by_ids, by_rows
+    return family_prompts(pack, clip, family, text, words)[1:]
 
 
 def test_z_image_text_side_is_comfyuis_encode_with_the_template_kept(pack, demo_models, zimage):
@@ -66,23 +59,11 @@ def test_z_image_x0_equals_the_stock_sampler(pack, zimage, cfg):
     core, host = pack.driftscope_core, pack.nodes.host
     model, clip, _ = zimage
     family = host.check_pair(model, model, clip, clip)
+    noise = core.sampling.make_noise([5], (16, SIZE // 8, SIZE // 8))
     with torch.inference_mode():
-        runtime = host.runtime_for("fp32", 4, False)
-        base, _ = host.model_sides(family, model, clip, model, clip, runtime, need_grad=False)
-        by_ids, _ = _prompts(pack, clip, family, base.text, ["castle"])
-        cond, uncond = base.encode(by_ids), base.empty_prompt()
-        schedule = host.schedule_of(model, "simple", 10)
-        noise = core.sampling.make_noise([5], (16, SIZE // 8, SIZE // 8))
-        ours, _ = core.objective._guided_x0(base, noise * schedule.initial_scale, schedule.sigmas[0], cond, uncond, cfg,
-                                            False, runtime)
-        seen = {}
-        guider = comfy.samplers.CFGGuider(model)
-        enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))  # noqa: E731
-        guider.set_conds(enc(TEMPLATE.format("castle")), enc(""))
-        guider.set_cfg(cfg)
-        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), schedule.sigmas[:2],
-                      callback=lambda step, x0, x, total: seen.setdefault(step, x0.clone()), disable_pbar=True, seed=5)
-    torch.testing.assert_close(ours, seen[0].float(), atol=1e-5, rtol=1e-4)
+        ours, sigmas = pack_first_x0(pack, family, model, clip, "castle", noise, cfg)
+        stock = stock_first_x0(model, clip, TEMPLATE.format("castle"), noise, sigmas, cfg, seed=5)
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-4)
 
 
 def test_z_image_probe_reads_the_main_layers_image_rows(pack, zimage):
@@ -127,16 +108,5 @@ def test_z_image_planted_words_on_top(pack, zimage, zimage_planted):
 
 def test_z_image_paper_mode_leaves_the_models_as_they_were(pack, zimage, zimage_planted):
     model, clip, _ = zimage
-
-    def fingerprint(m):
-        with torch.inference_mode():
-            cond = clip.encode_from_tokens(clip.tokenize("a photo of a castle"), return_dict=True)["cond"]
-            comfy.model_management.load_models_gpu([m])
-            x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-            conds = m.model.extra_conds(cross_attn=cond, device=x.device, noise=x)
-            return m.model.apply_model(x, torch.tensor([0.7]), **{k: c.cond for k, c in conds.items()}).clone()
-
-    before = fingerprint(model), fingerprint(zimage_planted)
-    report = z_audit(pack, model, clip, zimage_planted, mode="paper", top_k=1, opt_steps=2)
-    assert report.evaluations["adapted"]["unet_backward"] > 0
-    assert all(torch.equal(a, b) for a, b in zip(before, (fingerprint(model), fingerprint(zimage_planted))))
+    assert_paper_mode_leaves_models_unchanged(pack, model, clip, zimage_planted, width=SIZE, height=SIZE,
+                                              scheduler="simple")
