@@ -205,15 +205,18 @@ def run_audit(
     stages.close()
 
     notes = []
+    null_lengths = [vocab[i].tokens for i in null_words]
     if null_drifts.shape[0] < 8:
         notes.append(
             f"only {null_drifts.shape[0]} words were left for calibration; the baseline also uses the "
             "reported words, so calibrated scores are weak. Use a larger vocabulary."
         )
         null_drifts = torch.cat([null_drifts, drifts[:, : len(calibration_seeds)]])
-    baseline = Baseline.from_drifts(null_drifts)
+        null_lengths += [vocab[i].tokens for i in reported]
+    lengths = torch.tensor(null_lengths)  # (M,) token counts: the baseline's level follows them where they vary
+    baseline = Baseline.from_drifts(null_drifts, lengths)
     threshold = z_threshold(settings.false_alarms, len(vocab))
-    entries = _entries(vocab, findings, drifts, baseline, null_drifts, threshold, settings.direction)
+    entries = _entries(vocab, findings, drifts, baseline, (null_drifts, lengths), threshold, settings.direction)
     return DriftReport(
         entries=entries,
         settings=settings.as_dict(),
@@ -243,16 +246,20 @@ def _rescore(meter: DriftMeter, findings, seeds: list[int], progress) -> torch.T
     return torch.stack(rows) if rows else torch.zeros(0, len(seeds))
 
 
-def _entries(vocab, findings, drifts, baseline: Baseline, null_drifts, threshold: float, direction: str) -> list[ReportEntry]:
+def _entries(vocab, findings, drifts, baseline: Baseline, null, threshold: float, direction: str) -> list[ReportEntry]:
     """Rank the reported words by their re-scored drift (n, R) and attach calibrated scores,
-    computed on the calibration seeds (the first baseline.seeds of the R)."""
+    computed on the calibration seeds (the first baseline.seeds of the R), each against the
+    baseline's level for the word's token count; `null`: the random words' drifts (M, k) and
+    token counts (M,)."""
+    null_drifts, null_lengths = null
     means = drifts.mean(dim=1)  # (n,)
     order = torch.argsort(means, descending=(direction == "most"))
     entries = []
     for rank, j in enumerate(order.tolist(), start=1):
         f, m = findings[j], float(means[j])
+        tokens = vocab[f.index].tokens
         on_calibration_seeds = drifts[j, : baseline.seeds]  # (k,)
-        z = baseline.z(on_calibration_seeds)
+        z = baseline.z(on_calibration_seeds, tokens)
         flagged = z >= threshold if direction == "most" else z <= -threshold
         entries.append(ReportEntry(
             rank=rank,
@@ -262,7 +269,7 @@ def _entries(vocab, findings, drifts, baseline: Baseline, null_drifts, threshold
             spread=spread(drifts[j]),
             per_seed=[float(v) for v in drifts[j]],
             calibrated=z,
-            percentile=baseline.percentile(null_drifts, on_calibration_seeds),
+            percentile=baseline.percentile(null_drifts, on_calibration_seeds, null_lengths, tokens),
             significant=bool(flagged),
             direction=direction,
             search_drift=f.search_drift,

@@ -44,6 +44,11 @@ class Candidate:
     token_ids: tuple[int, ...]
     encoder_ids: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
+    @property
+    def tokens(self) -> int:
+        """How many tokens the word is in the encoder that splits it most (calibration.py)."""
+        return max([len(self.token_ids), *(len(ids) for _, ids in self.encoder_ids)])
+
     def ids(self, encoder: str) -> tuple[int, ...]:
         """The word's ids in text encoder `encoder` (the vocabulary tokenizer's where none are set)."""
         for name, ids in self.encoder_ids:

@@ -57,3 +57,22 @@ def test_longer_vocabularies_need_higher_scores():
     assert z_threshold(0.05, 60) == pytest.approx(3.14, abs=0.01)
     assert z_threshold(0.05, 10_000) == pytest.approx(4.42, abs=0.01)
     assert z_threshold(0.05, 60) < z_threshold(0.05, 2_000) < z_threshold(0.05, 50_000)
+
+
+def test_the_baseline_level_follows_the_token_count_where_random_words_span_counts():
+    """Words of more tokens drift less (their map averages more tokens): a random sample of one-,
+    two- and three-token words whose log drift falls by 1.0 per log token count gives a slope
+    near -1, and a one-token word at its own level is not flagged just for having one token;
+    a sample of one-token words (CLIP's usual case) keeps the plain baseline."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([1, 2, 3] * 30)  # (90,)
+    level = -7.0 - 1.0 * lengths.double().log()
+    drifts = (level + 0.2 * torch.randn(90, generator=g, dtype=torch.float64)).exp()[:, None]  # (90, 1)
+    base = Baseline.from_drifts(drifts, lengths)
+    assert -1.15 < base.length_slope < -0.85
+    one_token_word = torch.tensor([float(torch.tensor(-7.0).exp())])
+    assert abs(base.z(one_token_word, 1)) < 1.0
+    # the same random words read without their counts put the one-token word well above their median
+    assert Baseline.from_drifts(drifts).z(one_token_word) > base.z(one_token_word, 1) + 1.0
+    single = Baseline.from_drifts(drifts[:30], torch.ones(30, dtype=torch.long))
+    assert single.length_slope == 0.0
