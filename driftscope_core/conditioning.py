@@ -109,7 +109,9 @@ class TextSide(Protocol):
     layouts: Mapping[str, TokenLayout]  # text-encoder name -> its special tokens and length
 
     def token_embedding(self, encoder: str) -> torch.Tensor:
-        """The encoder's token-embedding matrix (V, D), float32: the soft prompt's candidate rows."""
+        """The encoder's token embeddings, float32, indexable by token ids (`rows[ids]` (..., D)):
+        the soft prompt's candidate rows. A (V, D) tensor will do; a host may compute rows on
+        lookup instead (an LLM's table is gigabytes)."""
         ...
 
     def encode(self, prompts: Sequence[Prompt]) -> Conditioning:

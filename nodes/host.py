@@ -302,7 +302,7 @@ class ComfyText:
         self.templates = {name: family.template_tokens(clip, name) for name in self.encoders}
         head_shift = {name: len(head) - cut for name, (head, _, cut) in self.templates.items()}
         self.context_parts = [(name, offset + head_shift[name]) for name, offset in family.context_parts(self.encoders)]
-        self._tables: dict[str, torch.Tensor] = {}
+        self._tables: dict[str, TokenRows] = {}
 
     def _ready(self, clip):
         """Set the CLIP's options and load it as CLIP.encode_from_tokens does; its device."""
@@ -315,14 +315,12 @@ class ComfyText:
         model.set_clip_options({"execution_device": device})  # ComfyUI 0.3.75 ignores it
         return device
 
-    def token_embedding(self, encoder: str) -> torch.Tensor:
-        """The encoder's token embeddings (V, D) as it computes them (patches applied), float32."""
+    def token_embedding(self, encoder: str) -> "TokenRows":
+        """The encoder's token embeddings as it computes them (patches applied), float32, looked
+        up by index: `rows[ids]` is (..., D) for ids (...). Only the rows asked for are computed,
+        so a Qwen2.5-VL's 152,064 x 3,584 table (2.2 GB in float32) is never built."""
         if encoder not in self._tables:
-            with torch.no_grad():
-                device = self._ready(self.clip)
-                module = _embedding(self.clip, self.encoders[encoder])
-                ids = torch.arange(module.weight.shape[0], device=device)[None]  # (1, V)
-                self._tables[encoder] = module(ids, out_dtype=torch.float32)[0].detach()  # (V, D)
+            self._tables[encoder] = TokenRows(self, encoder)
         return self._tables[encoder]
 
     @staticmethod
@@ -352,6 +350,27 @@ class ComfyText:
         context, extras = self.family.combine(outputs)
         mask = slot_mask(prompts, self.context_parts, context.shape[1], context.device)
         return Conditioning(context, mask, extras)
+
+
+class TokenRows:
+    """Rows of one ComfyUI text encoder's token embedding, computed on lookup (no gradient)."""
+
+    def __init__(self, text: ComfyText, encoder: str):
+        self.text, self.encoder = text, encoder
+
+    @property
+    def device(self) -> torch.device:
+        """Where the rows come out: the text encoder's device, as its embedding table lives."""
+        return torch.device(self.text.clip.patcher.load_device)
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        with torch.no_grad():
+            device = self.text._ready(self.text.clip)
+            module = _embedding(self.text.clip, self.text.encoders[self.encoder])
+            flat = ids.reshape(1, -1).to(device)  # (1, n)
+            rows = module(flat, out_dtype=torch.float32)[0].detach()  # (n, D)
+        return rows.reshape(*ids.shape, rows.shape[-1])  # (..., D)
 
 
 def _device_context(device):
