@@ -19,6 +19,12 @@ COMFY_HOME="$here/.comfyui"
 COMFY="$COMFY_HOME/ComfyUI"
 COMFY_FLOOR="$COMFY_HOME/ComfyUI-0.3.75"
 VENDOR="${DRIFTSCOPE_VENDOR:-$here/../shared/vendor}"
+# A clone of a local checkout (e.g. into a temporary folder) finds the vendor folder next to the
+# checkout it was cloned from.
+origin="$(git -C "$here" config --get remote.origin.url 2>/dev/null || true)"
+if [ -z "${DRIFTSCOPE_VENDOR:-}" ] && [ ! -d "$VENDOR" ] && [ -d "$origin/../shared/vendor" ]; then
+  VENDOR="$(cd "$origin/../shared/vendor" && pwd)"
+fi
 ARCHIVE="$VENDOR/comfyui-0.33.0.tar.xz"
 FRONTEND_FLOOR=1.32.9
 FRONTEND_NEWEST=1.58.1
@@ -26,7 +32,8 @@ stamp="$VENV/.driftscope-setup-v2"
 
 if [ ! -f "$ARCHIVE" ]; then
   echo "[setup] error: $ARCHIVE is missing: the ComfyUI 0.33.0 source archive lives in the" \
-       "project's shared/vendor folder next to this checkout (or set DRIFTSCOPE_VENDOR)." >&2
+       "project's shared/vendor folder next to this checkout or the checkout it was cloned from" \
+       "(or set DRIFTSCOPE_VENDOR)." >&2
   exit 1
 fi
 
