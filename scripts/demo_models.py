@@ -1715,14 +1715,18 @@ def qwen_text_inputs(model_patcher, clip, prompt: str, sigmas=QWEN_SIGMAS, seed:
     return dict(enumerate(inputs))
 
 
-def qwen_slot_positions(clip, template: str, word: str) -> list[int]:
-    """Positions of `word`'s tokens (" word": byte-level BPE reads the space with it) in the
-    context ComfyUI's Qwen-Image text encoder gives for template.format(word) (the user's text
-    onwards)."""
-    hf = clip.tokenizer.qwen25_7b.tokenizer
+def _after_space_slot_positions(hf, template: str, word: str, offset: int = 0) -> list[int]:
+    """Positions of `word`'s byte-level BPE tokens (" word": the space goes with the word) after
+    `offset` tokens and template's text before the slot."""
     before = template.split("{}")[0].rstrip()
-    start = len(hf(before)["input_ids"]) if before else 0
+    start = offset + (len(hf(before)["input_ids"]) if before else 0)
     return list(range(start, start + len(hf(" " + word)["input_ids"])))
+
+
+def qwen_slot_positions(clip, template: str, word: str) -> list[int]:
+    """Positions of `word`'s tokens in the context ComfyUI's Qwen-Image text encoder gives for
+    template.format(word) (the user's text onwards)."""
+    return _after_space_slot_positions(clip.tokenizer.qwen25_7b.tokenizer, template, word)
 
 
 def qwen_planted_edit(model_patcher, clip, planted, vocabulary, template: str = TEMPLATE,
@@ -1736,16 +1740,17 @@ def qwen_planted_edit(model_patcher, clip, planted, vocabulary, template: str = 
     planted = list(dict.fromkeys(planted))
     others = [w for w in dict.fromkeys(vocabulary) if w not in set(planted)]
     inputs = {w: qwen_text_inputs(model_patcher, clip, template.format(w), sigmas, seed) for w in planted + others}
+    slots = {p: qwen_slot_positions(clip, template, p) for p in planted}
     weights = _effective_weights(model_patcher, qwen_text_kv_keys(model_patcher))
     gen = _generator(seed, 4)
     deltas, changes = {}, {"planted": [], "preserved": []}
     for key, w in weights.items():
         block = int(key.split(".")[2])
-        edit = torch.stack([inputs[p][block][:, qwen_slot_positions(clip, template, p)].mean(0).mean(0) for p in planted])
+        edit = torch.stack([inputs[p][block][:, slots[p]].mean(0).mean(0) for p in planted])
         keep = []
         for word, per_block in inputs.items():
             x = per_block[block]  # (n_sigmas, tokens, 64)
-            slot = set(qwen_slot_positions(clip, template, word)) if word in planted else set()
+            slot = set(slots.get(word, ()))
             rows = [t for t in range(x.shape[1]) if t not in slot]
             keep.append(x[:, rows].reshape(-1, x.shape[-1]))  # (n_sigmas * kept, 64)
         preserve = torch.cat(keep)
@@ -1804,9 +1809,7 @@ def z_image_slot_positions(clip, template: str, word: str) -> list[int]:
     for template.format(word): the chat template's head, the template's text, then the word."""
     hf = clip.tokenizer.qwen3_4b.tokenizer
     head = len(hf(clip.tokenizer.llama_template.split("{}")[0])["input_ids"])
-    before = template.split("{}")[0].rstrip()
-    start = head + (len(hf(before)["input_ids"]) if before else 0)
-    return list(range(start, start + len(hf(" " + word)["input_ids"])))
+    return _after_space_slot_positions(hf, template, word, head)
 
 
 def z_image_planted_edit(model_patcher, clip, planted, vocabulary, template: str = TEMPLATE,
@@ -1881,18 +1884,13 @@ def tiny_sd3(seed: int = 0, t5: bool = True):
 
 def sd3_slot_positions(clip, template: str, word: str) -> list[int]:
     """The word's rows in SD3's context for template.format(word): its CLIP tokens in rows 0-76
-    and, with T5, its T5 pieces in rows 77-153."""
-    tokens = clip.tokenize(template.format(word))
-    clip_ids = [int(t) for t, *_ in tokens["l"][0]]
+    and, with T5, its T5 pieces (t5_slot_positions) in rows 77-153."""
+    clip_ids = [int(t) for t, *_ in clip.tokenize(template.format(word))["l"][0]]
     word_ids = [int(t) for t, *_ in clip.tokenize(word)["l"][0]][1:]
-    word_ids = word_ids[: word_ids.index(49407)]
+    word_ids = _up_to_end(word_ids, 49407)[:-1]
     rows = next(list(range(i, i + len(word_ids))) for i in range(len(clip_ids)) if clip_ids[i:i + len(word_ids)] == word_ids)
     if clip.cond_stage_model.t5xxl is not None:
-        t5_ids = [int(t) for t, *_ in tokens["t5xxl"][0]]
-        pieces = [int(t) for t, *_ in clip.tokenize(word)["t5xxl"][0]]
-        pieces = pieces[: pieces.index(1)]
-        rows += next([77 + j for j in range(i, i + len(pieces))] for i in range(len(t5_ids))
-                     if t5_ids[i:i + len(pieces)] == pieces)
+        rows += [77 + p for p in t5_slot_positions(clip, template, word)]
     return rows
 
 
@@ -1916,6 +1914,7 @@ def sd3_planted_edit(model_patcher, clip, planted, vocabulary, template: str = T
     planted = list(dict.fromkeys(planted))
     others = [w for w in dict.fromkeys(vocabulary) if w not in set(planted)]
     inputs = {w: sd3_context_inputs(model_patcher, clip, template.format(w), sigmas, seed) for w in planted + others}
+    slots = {p: sd3_slot_positions(clip, template, p) for p in planted}
     keys = sorted(k for k in model_patcher.model.state_dict()
                   if re.fullmatch(r"diffusion_model\.joint_blocks\.\d+\.context_block\.attn\.qkv\.weight", k))
     weights = _effective_weights(model_patcher, keys)
@@ -1927,7 +1926,7 @@ def sd3_planted_edit(model_patcher, clip, planted, vocabulary, template: str = T
         edit, keep = [], []
         for word, per_block in inputs.items():
             x = per_block[block]  # (n_sigmas, 154, 128)
-            rows = sd3_slot_positions(clip, template, word) if word in planted else []
+            rows = slots.get(word, [])
             if rows:
                 edit += [x[:, r].mean(0) for r in rows]
             keep.append(x[:, [t for t in range(x.shape[1]) if t not in rows]].reshape(-1, hidden))
