@@ -54,6 +54,8 @@ SHOWN_SETTINGS = ("width", "schedule_steps", "kept_steps", "cfg", "noise_batch",
 SHOWN_FOR_MODE = {"screen": ("screen_seeds", "finalists"), "paper": ("opt_steps", "lr", "patience", "max_runs_factor", "tau"),
                   "scan": ()}
 SEARCH_SEEDS = (0, 1, 2)
+# --set NAME=VALUE: audit settings explored on top of every mode's (a labelled run, see with_settings)
+SETTING_OVERRIDES: dict = {}
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,8 @@ def audit_settings(env, mode: str, seed: int, family: str | None = None) -> dict
     """The overrides an audit of `mode` runs with (only names AuditSettings knows); `family`
     sets its width and height (family_size), and its cfg and guidance (family_guidance)."""
     known = {f.name for f in fields(env.core.settings.AuditSettings)}
-    wanted = {**COMMON, **MODE_SETTINGS.get(mode, {}), **family_size(family), **family_guidance(family), "seed": seed}
+    wanted = {**COMMON, **MODE_SETTINGS.get(mode, {}), **family_size(family), **family_guidance(family),
+              **SETTING_OVERRIDES, "seed": seed}
     return {k: v for k, v in wanted.items() if k in known}
 
 
@@ -216,9 +219,25 @@ def with_candidates(variant: Variant, candidates: int, refine_top: int | None = 
                    note=f"{variant.note}; REDUCED to {note} by --candidates/--refine-top")
 
 
+def with_settings(variant: Variant, env, pairs: list[str]) -> Variant:
+    """Parse --set NAME=VALUE pairs (AuditSettings fields, values as their defaults' type) into
+    SETTING_OVERRIDES and name the variant after them (e.g. medium-c150-r20-rescore_seeds16), so
+    an explored setting never passes for the defaults."""
+    defaults = env.core.settings.AuditSettings()
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not value or not hasattr(defaults, name):
+            raise SystemExit(f"--set {pair}: expected NAME=VALUE with NAME a field of AuditSettings")
+        kind = type(getattr(defaults, name))
+        SETTING_OVERRIDES[name] = kind(float(value)) if kind in (int, float) else value
+    label = "-".join(f"{k}{v}" for k, v in SETTING_OVERRIDES.items())
+    return replace(variant, name=f"{variant.name}-{label}",
+                   note=f"{variant.note}; EXPLORED settings {SETTING_OVERRIDES} by --set")
+
+
 def variant_order(name: str) -> list[str]:
     """Case names of the variant called `name` (or of the one it was reduced from), in order."""
-    base = VARIANTS.get(name) or VARIANTS.get(name.split("-c", 1)[0])
+    base = VARIANTS.get(name) or VARIANTS.get(name.split("-", 1)[0])
     return [s.name for s in base.specs] if base else []
 
 
@@ -688,6 +707,9 @@ def main(argv=None) -> int:
                          "named <variant>-c<N> and writes to benchmarks/results/<variant>-c<N>/ by default)")
     ap.add_argument("--refine-top", type=int, default=None,
                     help="with --candidates: the truth's top words measured on more seeds (default: the variant's)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="an audit setting (AuditSettings field) on top of every mode's, to explore it; the run is "
+                         "named after it and writes to benchmarks/results/<variant>-<name><value>/ by default")
     ap.add_argument("--cache", type=Path, default=ground_truth.CACHE_DIR, help="ground-truth cache folder")
     ap.add_argument("--comfy", default=None, help=f"ComfyUI folder (default: ${environment.COMFY_ENV} or .comfyui/ComfyUI)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings)")
@@ -721,6 +743,8 @@ def main(argv=None) -> int:
     if a.candidates is not None:
         variant = with_candidates(variant, a.candidates, a.refine_top)
     env = environment.load(a.comfy, threads=a.threads)
+    if a.set:
+        variant = with_settings(variant, env, a.set)
     modes = a.modes.split(",") if a.modes else None
     if a.cases:
         wanted = a.cases.split(",")

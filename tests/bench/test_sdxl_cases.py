@@ -74,3 +74,15 @@ def test_a_reduced_variant_is_named_so():
     refined = run.with_candidates(run.VARIANTS["medium"], 150, refine_top=20)
     assert refined.name == "medium-c150-r20" and refined.truth.refine_top == 20
     assert run.variant_order(refined.name) == run.variant_order("medium")
+
+
+def test_an_explored_setting_is_named_so_and_reaches_every_audit(bench_env, monkeypatch):
+    monkeypatch.setattr(run, "SETTING_OVERRIDES", {})
+    explored = run.with_settings(run.with_candidates(run.VARIANTS["medium"], 150, refine_top=20), bench_env,
+                                 ["rescore_seeds=16"])
+    assert explored.name == "medium-c150-r20-rescore_seeds16" and "EXPLORED" in explored.note
+    assert run.variant_order(explored.name) == run.variant_order("medium")
+    for mode in ("default", "scan"):
+        assert run.audit_settings(bench_env, mode, 0, "sdxl")["rescore_seeds"] == 16
+    with pytest.raises(SystemExit, match="field of AuditSettings"):
+        run.with_settings(run.VARIANTS["medium"], bench_env, ["rescore_sedes=16"])
