@@ -33,7 +33,7 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
     progress = node_progress(node_id, "DriftScope")
     family = host.check_pair(base_model, adapted_model, base_clip, adapted_clip)
     overrides = dict(settings, **({} if mode == "preset" else {"mode": mode}), **_guidance(family, base_model, cfg, guidance))
-    audit_settings = settings_from_preset(preset, **overrides)
+    audit_settings = _family_steps(family, settings_from_preset(preset, **overrides), "kept_steps" in settings)
     if vocabulary == "clip_words" and not family.clip_words:
         raise host.InputError(f"vocabulary: clip_words lists CLIP's whole-word tokens, and {family.name} reads T5 only; "
                               "choose a built-in list (cifar100, imagenet1k, ...) or custom")
@@ -64,6 +64,15 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
             )
         finally:  # finished, failed or cancelled
             host.release(base, adapted)
+
+
+def _family_steps(family, settings: AuditSettings, chosen: bool) -> AuditSettings:
+    """The family's kept steps in the default modes (screen, scan): the preset's times
+    `family.kept_steps_factor`, at most the schedule; paper mode keeps the paper's, and a
+    kept_steps the caller chose stays."""
+    if chosen or settings.mode == "paper" or family.kept_steps_factor == 1:
+        return settings
+    return replace(settings, kept_steps=min(settings.kept_steps * family.kept_steps_factor, settings.schedule_steps))
 
 
 def _guidance(family, model, cfg: float, guidance: float) -> dict:
@@ -183,7 +192,7 @@ class DriftScopeAudit(io.ComfyNode):
                 io.String.Input("templates", multiline=True, default="a photo of a {}",
                                 tooltip="Prompt templates, one per line, each with exactly one {} where the word goes. Drift is averaged over templates; each one adds the cost of a whole audit."),
                 io.Combo.Input("preset", options=list(PRESETS), default="standard",
-                               tooltip="Search budget: quick (a first look), standard, paper (the paper's numbers: 4 of 50 steps, CFG 7.5, batch 4, 100 AdamW steps)."),
+                               tooltip="Search budget: quick (a first look), standard, paper (the paper's numbers: 4 of 50 steps, CFG 7.5, batch 4, 100 AdamW steps). On SDXL, screen and scan keep twice the preset's steps (standard: 8 of 50)."),
                 io.Combo.Input("mode", options=["preset", *MODES], default="preset",
                                tooltip="screen (default): a cheap first-step proxy for every word, then the finalists in full; scan: every word in full; paper: the paper's soft-prompt gradient search; preset: the preset's mode."),
                 io.Combo.Input("direction", options=list(DIRECTIONS), default="most",

@@ -23,6 +23,7 @@ class FamilyAdapter:
     vocabulary_encoder: str | None = None  # encoder whose tokenizer builds the word list (None: the first)
     own_tokenizers: tuple[str, ...] = ()  # encoders whose token ids differ from the vocabulary tokenizer's
     clip_words = True  # whether the vocabulary tokenizer is CLIP's BPE (the clip_words list)
+    kept_steps_factor = 1  # screen and scan keep this many times the preset's denoising steps
 
     def matches(self, model) -> bool:
         raise NotImplementedError

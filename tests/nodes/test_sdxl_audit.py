@@ -120,6 +120,25 @@ def test_sdxl_scan_and_screen_put_planted_words_on_top(pack, sdxl, sdxl_planted)
     assert [(e.token, e.drift) for e in same.entries] == [(e.token, e.drift) for e in report.entries]
 
 
+def test_sdxl_screen_and_scan_keep_twice_the_presets_steps(pack, sdxl, sdxl_planted):
+    """SDXL's default modes keep 2x the preset's denoising steps (the benchmark's planted case);
+    a kept_steps the caller chooses stays, and paper mode keeps the paper's."""
+    model, clip, _ = sdxl
+    family = pack.nodes.families.SDXL()
+    small = dict(mode="screen", finalists=5, calibration_size=8)  # the steps' cost, not the search's, is tested
+    doubled = sdxl_audit(pack, model, clip, sdxl_planted, **small)
+    chosen = sdxl_audit(pack, model, clip, sdxl_planted, kept_steps=3, **small)
+    quick = pack.driftscope_core.settings.PRESETS["quick"]["kept_steps"]
+    assert doubled.settings["kept_steps"] == 2 * quick and chosen.settings["kept_steps"] == quick
+    unet = lambda r: r.evaluations["adapted"]["unet_forward"]
+    assert unet(doubled) > 1.5 * unet(chosen)  # the finalists and the calibration really ran the steps
+    assert {e.token for e in doubled.entries[:3]} == set(PLANTED)
+    settings = pack.driftscope_core.settings.settings_from_preset("paper")
+    assert pack.nodes.audit._family_steps(family, settings, chosen=False).kept_steps == settings.kept_steps
+    settings = pack.driftscope_core.settings.settings_from_preset("quick", schedule_steps=5)
+    assert pack.nodes.audit._family_steps(family, settings, chosen=False).kept_steps == 5  # at most the schedule
+
+
 def test_sdxl_v_prediction_audit_finds_planted_words(pack, demo_models):
     model, clip, _ = demo_models.tiny_sdxl(0, prediction="v")
     adapted = demo_models.planted_edit_in_process(model, clip, PLANTED, WORDS, TEMPLATE)
