@@ -520,16 +520,17 @@ def choose_targets(world: World, base: Scores) -> dict:
 
 
 # -- audits ----------------------------------------------------------------------------------------
-def audit(env, world: World, adapted, objective: str, kept: int, variant: Variant) -> dict:
+def audit(env, world: World, adapted, objective: str, kept: int, variant: Variant, budget: dict | None = None) -> dict:
     """DriftScope's Audit entry point on the concept words: every word's drift, calibrated score
-    and significance, the report's order, and the audit's time and cost."""
+    and significance, the report's order, and the audit's time and cost. `budget` replaces some of
+    the variant's audit settings (the null's second check at the node's own budget)."""
     t0 = time.perf_counter()
     with torch.inference_mode():  # ComfyUI runs nodes in inference mode
         report = env.pack.nodes.audit.audit_models(
             world.model, world.clip, adapted, world.clip, vocabulary="custom", custom_words="\n".join(world.words),
             templates=TEMPLATE, preset="standard", scheduler="normal", precision="fp32", micro_batch=64,
             gradient_checkpointing=False, width=variant.size, height=variant.size, top_k=len(world.words),
-            objective=objective, kept_steps=kept, seed=0, **variant.audit)
+            objective=objective, kept_steps=kept, seed=0, **dict(variant.audit, **(budget or {})))
     by_word = {e.token: e for e in report.entries}
     missing = [w for w in world.words if w not in by_word]
     if missing:
@@ -540,6 +541,27 @@ def audit(env, world: World, adapted, objective: str, kept: int, variant: Varian
             "calibrated": [by_word[w].calibrated for w in world.words],
             "significant": [e.token for e in report.entries if e.significant],
             "unet_forward": sum(v["unet_forward"] for v in ev.values()),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def node_defaults_audit(env, world: World, adapted, variant: Variant) -> dict:
+    """The null's check as a user would run it: the Audit node on the concept words with its own
+    defaults (the standard preset's mode, budget and top_k), only the schedule shortened as in the
+    variant's audits. The variant's audits report every word, which leaves no random words to
+    calibrate against (the baseline falls back to the reported words themselves); this one keeps
+    the node's top 10 and calibrates on the other concepts."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        report = env.pack.nodes.audit.audit_models(
+            world.model, world.clip, adapted, world.clip, vocabulary="custom", custom_words="\n".join(world.words),
+            templates=TEMPLATE, preset="standard", mode="preset", scheduler="normal", precision="fp32", micro_batch=64,
+            gradient_checkpointing=False, width=variant.size, height=variant.size, seed=0,
+            schedule_steps=variant.audit["schedule_steps"], cfg=variant.cfg)
+    return {"settings": {k: report.settings[k] for k in ("mode", "objective", "kept_steps", "top_k", "noise_batch",
+                                                         "rescore_seeds", "calibration_size", "schedule_steps")},
+            "top10": [e.token for e in report.entries], "significant": [e.token for e in report.entries if e.significant],
+            "calibrated": [round(e.calibrated, 3) for e in report.entries], "z_threshold": report.baseline["z_threshold"],
+            "calibration_words": report.baseline["size"], "notes": report.notes,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -672,6 +694,12 @@ def run_adaptation(env, world, ad, variant, prompts, noise_a, base, base_latents
             row["audits"][f"{objective}/{kept}"] = a
             log(f"[audit] {ad.name} {objective} kept {kept}: rho {_f(a['spearman'])}, recall@5 {a['recall5_at10']:.1f}, "
                 f"flagged {len(a['significant'])}, {a['seconds']:.1f}s")
+    if ad.is_null:
+        t = time.perf_counter()
+        row["node_defaults_audit"] = a = node_defaults_audit(env, world, model, variant)
+        seconds["audits"] = round(seconds.get("audits", 0.0) + time.perf_counter() - t, 1)
+        log(f"[audit] {ad.name} at the node's defaults: flagged {a['significant']} (threshold z {a['z_threshold']:.2f}, "
+            f"{a['calibration_words']} calibration words), {a['seconds']:.1f}s")
     log(f"[world] {ad.name}: accuracy drop mean {conc['mean_drop']:+.3f}, max {conc['max_drop']:.2f}, "
         f"fallen {conc['fallen']}, FID {change['fid']:+.2f} (2 sd {2 * noise['fid']:.2f}), "
         f"KID {change['kid']:+.2f} (2 sd {2 * noise['kid']:.2f})")
@@ -706,7 +734,9 @@ def summarize(results: dict, variant: Variant) -> dict:
             "pooled_spearman_drift": metrics.spearman([v for f in rows for v in f["values"]], drops) if rows else None,
             "null_mean": {r["name"]: r["feature_column"][name]["mean"] for r in nulls},
             "real_mean": {r["name"]: r["feature_column"][name]["mean"] for r in real}}
-    audited = [k for k in out if not k.startswith("feature_column") and out[k]["mean_spearman"] is not None]
+    out["null_at_node_defaults"] = {r["name"]: r["node_defaults_audit"]["significant"] for r in nulls
+                                    if "node_defaults_audit" in r}
+    audited = [k for k in out if not k.startswith(("feature_column", "null_at_")) and out[k]["mean_spearman"] is not None]
     out["favoured"] = max(audited, key=lambda k: (out[k]["mean_spearman"], out[k]["mean_recall5_at10"])) if audited else None
     return out
 
@@ -776,7 +806,7 @@ def markdown(results: dict) -> str:
               "| adaptation | " + " | ".join(keys) + " | feature column (all seeds) | (4 seeds) |",
               "|---|" + "---|" * (len(keys) + 2)]
     for r in results["adaptations"]:
-        cells = [f"{_f(r['audits'][k]['spearman'])} / {r['audits'][k]['recall5_at10']:.1f}" + (
+        cells = ["–" if k not in r["audits"] else f"{_f(r['audits'][k]['spearman'])} / {r['audits'][k]['recall5_at10']:.1f}" + (
             f" ⚑{len(r['audits'][k]['significant'])}" if r["audits"][k]["significant"] else "") for k in keys]
         fc = r["feature_column"]
         cells += [f"{_f(fc[n]['spearman'])} / {fc[n]['recall5_at10']:.1f}" for n in ("all_seeds", "4_seeds")]
@@ -787,12 +817,21 @@ def markdown(results: dict) -> str:
               "| setting | mean ρ | mean recall@5 | mean ρ calibrated | pooled ρ drift | pooled ρ calibrated | null flagged |",
               "|---|---|---|---|---|---|---|"]
     for k, v in sm.items():
-        if k == "favoured":
+        if k in ("favoured", "null_at_node_defaults"):
             continue
         flagged = "–" if "null_flagged" not in v else ", ".join(f"{n}: {len(f)}" for n, f in v["null_flagged"].items())
         lines.append(f"| {k} | {_f(v['mean_spearman'])} | {_f(v['mean_recall5_at10'])} | {_f(v.get('mean_spearman_calibrated'))} | "
                      f"{_f(v['pooled_spearman_drift'])} | {_f(v.get('pooled_spearman_calibrated'))} | {flagged} |")
     lines += ["", f"Favoured (highest mean ρ, then recall@5): `{sm.get('favoured')}`.", ""]
+    checks = [r for r in results["adaptations"] if "node_defaults_audit" in r]
+    if checks:
+        a = checks[0]["node_defaults_audit"]
+        lines += ["Nulls audited with the node's defaults (" + ", ".join(f"{k} {v}" for k, v in a["settings"].items())
+                  + "): " + "; ".join(f"{r['name']}: {len(r['node_defaults_audit']['significant'])} flagged "
+                                      f"{r['node_defaults_audit']['significant']} (z threshold "
+                                      f"{r['node_defaults_audit']['z_threshold']:.2f}, top z "
+                                      f"{max(r['node_defaults_audit']['calibrated']):.2f}, "
+                                      f"{r['node_defaults_audit']['calibration_words']} calibration words)" for r in checks), ""]
     return "\n".join(lines)
 
 
