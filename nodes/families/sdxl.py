@@ -19,8 +19,8 @@ class SDXL(FamilyAdapter):
     # Screen and scan keep twice the preset's steps (standard: 8 of 50). On the benchmark's
     # planted SDXL case, the first 4 steps rank the 10th planted word ("airplane") behind two
     # ordinary words on every search seed, also with 16 re-scoring seeds. With 8 steps its
-    # recall@10 is 0.97 instead of 0.87, at 1.9x the evaluations on 160 candidates and about
-    # 1.5x on 2,000 (benchmarks/README, "SDXL cases").
+    # recall@10 is 0.97 instead of 0.87 on 160 candidates and 0.83 instead of 0.73 on 2,010,
+    # at 1.9x and 1.5x the evaluations (benchmarks/README, "SDXL cases").
     kept_steps_factor = 2
 
     def matches(self, model) -> bool:
