@@ -414,9 +414,10 @@ def train_lora(model, clip, vae, seed: int, size: int, latent_scale: float, sett
     return adapted, info
 
 
-def diffuse_patches(model, relative: float, seed: int):
-    """A clone with a seeded Gaussian "diff" patch on every non-zero UNet parameter
-    (std = relative * the parameter's RMS; zero-initialized biases have no scale and stay)."""
+def diffuse_patches(model, relative: float, seed: int, only: Callable[[str], bool] | None = None):
+    """A clone with a seeded Gaussian "diff" patch on every non-zero UNet parameter (or those
+    whose name `only` accepts; std = relative * the parameter's RMS; zero-initialized biases
+    have no scale and stay)."""
     import comfy.model_management
 
     # another case's patcher may still be loaded, i.e. its patches applied in place: read the
@@ -425,6 +426,8 @@ def diffuse_patches(model, relative: float, seed: int):
     g = torch.Generator().manual_seed(seed)
     patches, skipped = {}, 0
     for name, p in sorted(model.model.diffusion_model.named_parameters()):
+        if only is not None and not only(name):
+            continue
         rms = float(p.detach().float().pow(2).mean().sqrt())
         if rms == 0.0:
             skipped += 1

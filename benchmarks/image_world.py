@@ -520,17 +520,22 @@ def choose_targets(world: World, base: Scores) -> dict:
 
 
 # -- audits ----------------------------------------------------------------------------------------
-def audit(env, world: World, adapted, objective: str, kept: int, variant: Variant, budget: dict | None = None) -> dict:
-    """DriftScope's Audit entry point on the concept words: every word's drift, calibrated score
-    and significance, the report's order, and the audit's time and cost. `budget` replaces some of
-    the variant's audit settings (the null's second check at the node's own budget)."""
-    t0 = time.perf_counter()
-    with torch.inference_mode():  # ComfyUI runs nodes in inference mode
-        report = env.pack.nodes.audit.audit_models(
+def _run_node(env, world: World, adapted, variant: Variant, **settings):
+    """The Audit node's entry point on the concept words (custom list, the world's template, the
+    variant's size), in inference mode as ComfyUI runs nodes; `settings` are the audit's own."""
+    with torch.inference_mode():
+        return env.pack.nodes.audit.audit_models(
             world.model, world.clip, adapted, world.clip, vocabulary="custom", custom_words="\n".join(world.words),
             templates=TEMPLATE, preset="standard", scheduler="normal", precision="fp32", micro_batch=64,
-            gradient_checkpointing=False, width=variant.size, height=variant.size, top_k=len(world.words),
-            objective=objective, kept_steps=kept, seed=0, **dict(variant.audit, **(budget or {})))
+            gradient_checkpointing=False, width=variant.size, height=variant.size, seed=0, **settings)
+
+
+def audit(env, world: World, adapted, objective: str, kept: int, variant: Variant) -> dict:
+    """DriftScope's Audit entry point on the concept words: every word's drift, calibrated score
+    and significance, the report's order, and the audit's time and cost."""
+    t0 = time.perf_counter()
+    report = _run_node(env, world, adapted, variant, top_k=len(world.words), objective=objective, kept_steps=kept,
+                       **variant.audit)
     by_word = {e.token: e for e in report.entries}
     missing = [w for w in world.words if w not in by_word]
     if missing:
@@ -551,12 +556,8 @@ def node_defaults_audit(env, world: World, adapted, variant: Variant) -> dict:
     calibrate against (the baseline falls back to the reported words themselves); this one keeps
     the node's top 10 and calibrates on the other concepts."""
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        report = env.pack.nodes.audit.audit_models(
-            world.model, world.clip, adapted, world.clip, vocabulary="custom", custom_words="\n".join(world.words),
-            templates=TEMPLATE, preset="standard", mode="preset", scheduler="normal", precision="fp32", micro_batch=64,
-            gradient_checkpointing=False, width=variant.size, height=variant.size, seed=0,
-            schedule_steps=variant.audit["schedule_steps"], cfg=variant.cfg)
+    report = _run_node(env, world, adapted, variant, mode="preset", schedule_steps=variant.audit["schedule_steps"],
+                       cfg=variant.cfg)
     return {"settings": {k: report.settings[k] for k in ("mode", "objective", "kept_steps", "top_k", "noise_batch",
                                                          "rescore_seeds", "calibration_size", "schedule_steps")},
             "top10": [e.token for e in report.entries], "significant": [e.token for e in report.entries if e.significant],
@@ -823,15 +824,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| {k} | {_f(v['mean_spearman'])} | {_f(v['mean_recall5_at10'])} | {_f(v.get('mean_spearman_calibrated'))} | "
                      f"{_f(v['pooled_spearman_drift'])} | {_f(v.get('pooled_spearman_calibrated'))} | {flagged} |")
     lines += ["", f"Favoured (highest mean ρ, then recall@5): `{sm.get('favoured')}`.", ""]
-    checks = [r for r in results["adaptations"] if "node_defaults_audit" in r]
+    checks = [(r["name"], r["node_defaults_audit"]) for r in results["adaptations"] if "node_defaults_audit" in r]
     if checks:
-        a = checks[0]["node_defaults_audit"]
-        lines += ["Nulls audited with the node's defaults (" + ", ".join(f"{k} {v}" for k, v in a["settings"].items())
-                  + "): " + "; ".join(f"{r['name']}: {len(r['node_defaults_audit']['significant'])} flagged "
-                                      f"{r['node_defaults_audit']['significant']} (z threshold "
-                                      f"{r['node_defaults_audit']['z_threshold']:.2f}, top z "
-                                      f"{max(r['node_defaults_audit']['calibrated']):.2f}, "
-                                      f"{r['node_defaults_audit']['calibration_words']} calibration words)" for r in checks), ""]
+        lines += ["Nulls audited with the node's defaults (" + ", ".join(f"{k} {v}" for k, v in checks[0][1]["settings"].items())
+                  + "): " + "; ".join(f"{name}: {len(a['significant'])} flagged {a['significant']} (z threshold "
+                                      f"{a['z_threshold']:.2f}, top z {max(a['calibrated']):.2f}, "
+                                      f"{a['calibration_words']} calibration words)" for name, a in checks), ""]
     return "\n".join(lines)
 
 

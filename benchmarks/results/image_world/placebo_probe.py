@@ -33,19 +33,6 @@ def robust_z(x: torch.Tensor) -> torch.Tensor:
     return (x - m) / (1.4826 * (x - m).abs().median())
 
 
-def kv_only(model, relative: float, seed: int):
-    """diffuse_patches restricted to the cross-attention key/value projections."""
-    g = torch.Generator().manual_seed(seed)
-    patches = {}
-    for name, p in sorted(model.model.diffusion_model.named_parameters()):
-        if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
-            rms = float(p.detach().float().pow(2).mean().sqrt())
-            patches[f"diffusion_model.{name}"] = ("diff", (torch.randn(p.shape, generator=g) * (relative * rms),))
-    placebo = model.clone()
-    placebo.add_patches(patches, 1.0)
-    return placebo
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=HERE / "placebo_probe.json")
@@ -59,7 +46,8 @@ def main() -> int:
         return torch.tensor(iw.audit(env, world, model, "attention", 4, v)["drift"], dtype=torch.float64)
 
     placebos = {"all tensors": drifts(case_lib.diffuse_patches(world.model, 0.01, 1)[0]),
-                "attn2 K/V only": drifts(kv_only(world.model, 0.01, 1))}
+                "attn2 K/V only": drifts(case_lib.diffuse_patches(
+                    world.model, 0.01, 1, only=lambda n: n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")))[0])}
     others = [w for w in words if w != "house"]
     adaptations = {
         "null-1% (the benchmark's, seed 7919)": case_lib.diffuse_patches(world.model, 0.01, v.model_seed + 7919)[0],
