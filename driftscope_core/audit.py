@@ -38,7 +38,7 @@ class PlannedCost:
     by_stage: dict[str, dict[str, dict[str, int]]]  # stage -> side -> {"text_forward", "unet_forward"}
 
     def of(self, side: str, kind: str) -> int:
-        return sum(stage[side][kind] for stage in self.by_stage.values())
+        return sum(stage.get(side, {}).get(kind, 0) for stage in self.by_stage.values())
 
     def forward(self, side: str) -> int:
         """Forward evaluations of one side, text and UNet."""
@@ -55,8 +55,9 @@ class PlannedCost:
 
     @property
     def total(self) -> int:
-        """Forward evaluations of both sides: what progress counts."""
-        return self.forward("base") + self.forward("adapted")
+        """Forward evaluations of every side (base, adapted, the placebo's): what progress counts."""
+        sides = {side for stage in self.by_stage.values() for side in stage}
+        return sum(self.forward(side) for side in sides)
 
 
 def planned_cost(settings: AuditSettings, words: int, templates: int, shared_text: bool,
@@ -72,8 +73,11 @@ def planned_cost(settings: AuditSettings, words: int, templates: int, shared_tex
         encodes unless the text encoder is shared, and runs the same UNet evaluations."""
         a_text = (0 if shared_text else text) if adapted_text is None else adapted_text
         a_unet = unet if adapted_unet is None else adapted_unet
-        return {"base": {"text_forward": text * templates, "unet_forward": unet * templates},
-                "adapted": {"text_forward": a_text * templates, "unet_forward": a_unet * templates}}
+        out = {"base": {"text_forward": text * templates, "unet_forward": unet * templates},
+               "adapted": {"text_forward": a_text * templates, "unet_forward": a_unet * templates}}
+        if settings.placebo > 0:  # the placebo runs in calibration only (set there)
+            out["placebo"] = {"text_forward": 0, "unet_forward": 0}
+        return out
 
     def again(n: int) -> int:  # words of a later stage that were encoded in the search
         return 0 if cached else n
@@ -101,7 +105,14 @@ def planned_cost(settings: AuditSettings, words: int, templates: int, shared_tex
             rescore = side(0, 0)  # screen measured its finalists on the re-scoring seeds
         null = min(settings.calibration_size, words - k)
         calibrate = side(again(null), null * settings.calibration_seeds * full)
+    if settings.placebo > 0:  # the random and the reported words again, from the base to adapted and placebo
+        text = calibrate["base"]["text_forward"] // templates + again(k)  # the reported words were encoded before
+        unet = (null + k) * settings.calibration_seeds * full
+        calibrate = side(text, unet)
+        calibrate["placebo"] = {"text_forward": 0, "unet_forward": unet * templates}  # the base's text, encoded once
     prepare = {s: {"text_forward": 1, "unet_forward": 0} for s in ("base", "adapted")}  # the empty prompt
+    if settings.placebo > 0:
+        prepare["placebo"] = {"text_forward": 0, "unet_forward": 0}  # the base's empty prompt
     return PlannedCost({"prepare": prepare, "search": search, "rescore": rescore, "calibrate": calibrate})
 
 
@@ -168,12 +179,18 @@ def run_audit(
     latent_channels: int = 4,
     models: dict | None = None,
     callback: Callback | None = None,
+    placebo: ModelSide | None = None,
 ) -> DriftReport:
     """Run one audit. `callback(dict)` gets progress and may raise to cancel: at the start of
     every stage ("prepare", "search", "rescore", "calibrate") and after every model call, with
     the stage, a `note` on what runs (e.g. "proxy: encoding 512/20,000 words"), `overall` (0-1),
-    and `evaluations` done of the `planned` (planned_cost), both models together."""
+    and `evaluations` done of the `planned` (planned_cost), every model together. `placebo`:
+    the base's text with a randomly changed denoiser, which `settings.placebo` > 0 asks for
+    (calibration.py's placebo reference)."""
     settings.validate()
+    if (placebo is not None) != (settings.placebo > 0):
+        raise ValueError(f"settings.placebo is {settings.placebo}: a placebo model side must be given exactly when "
+                         "it is above 0 (the host makes it from the base at that size)")
     sampling = SamplingSettings(
         latent_shape=(latent_channels, settings.height // 8, settings.width // 8),
         kept_steps=settings.kept_steps,
@@ -183,9 +200,10 @@ def run_audit(
     timings: dict[str, float] = {}
     if callback is not None:  # the empty prompt's encoding comes first
         callback({"stage": "prepare", "note": "encoding the empty prompt"})
-    meter = DriftMeter(base, adapted, vocab, templates, schedule, sampling, runtime)
+    meter = DriftMeter(base, adapted, vocab, templates, schedule, sampling, runtime, placebo)
     cost = planned_cost(settings, len(vocab), len(templates), meter.shared_text, runtime.gradient_checkpointing)
-    stages = _Stages(callback, (base, adapted), cost.total)
+    sides = (base, adapted) if placebo is None else (base, adapted, placebo)
+    stages = _Stages(callback, sides, cost.total)
 
     t = time.perf_counter()
     findings = SEARCHES[settings.mode](meter, settings, stages.stage("search"))
@@ -200,7 +218,14 @@ def run_audit(
     t = time.perf_counter()
     null_words = vocab.sample(settings.calibration_size, settings.seed, exclude=reported)
     calibration_seeds = rescore_seeds[: settings.calibration_seeds]  # shared with the reported words
-    null_drifts = meter.score(null_words, calibration_seeds, stages.stage("calibrate"))  # (M, k)
+    null_reference = reported_reference = None  # drifts under the placebo
+    if placebo is None:
+        null_drifts = meter.score(null_words, calibration_seeds, stages.stage("calibrate"))  # (M, k)
+    else:
+        both = meter.score_against(null_words + reported, calibration_seeds, ("adapted", placebo.name),
+                                   stages.stage("calibrate"))  # (2, M + n, k)
+        m = len(null_words)
+        null_drifts, null_reference, reported_reference = both[0, :m], both[1, :m], both[1, m:]  # (M, k), (M, k), (n, k)
     timings["calibrate"] = time.perf_counter() - t
     stages.close()
 
@@ -212,11 +237,14 @@ def run_audit(
             "reported words, so calibrated scores are weak. Use a larger vocabulary."
         )
         null_drifts = torch.cat([null_drifts, drifts[:, : len(calibration_seeds)]])
+        if null_reference is not None:
+            null_reference = torch.cat([null_reference, reported_reference])
         null_lengths += [vocab[i].tokens for i in reported]
     lengths = torch.tensor(null_lengths)  # (M,) token counts: the baseline's level follows them where they vary
-    baseline = Baseline.from_drifts(null_drifts, lengths)
+    baseline = Baseline.from_drifts(null_drifts, lengths, null_reference)
     threshold = z_threshold(settings.false_alarms, len(vocab))
-    entries = _entries(vocab, findings, drifts, baseline, (null_drifts, lengths), threshold, settings.direction)
+    entries = _entries(vocab, findings, drifts, baseline, (null_drifts, lengths, null_reference), threshold,
+                       settings.direction, reported_reference)
     return DriftReport(
         entries=entries,
         settings=settings.as_dict(),
@@ -229,7 +257,7 @@ def run_audit(
         templates=[t.text for t in templates],
         baseline={**baseline.__dict__, "z_threshold": threshold},
         timings=timings,
-        evaluations={base.name: base.counts.as_dict(), adapted.name: adapted.counts.as_dict()},
+        evaluations={s.name: s.counts.as_dict() for s in sides},
         evaluations_by_stage=stages.evaluations,
         notes=notes + [f"driftscope {__version__}"],
     )
@@ -246,12 +274,14 @@ def _rescore(meter: DriftMeter, findings, seeds: list[int], progress) -> torch.T
     return torch.stack(rows) if rows else torch.zeros(0, len(seeds))
 
 
-def _entries(vocab, findings, drifts, baseline: Baseline, null, threshold: float, direction: str) -> list[ReportEntry]:
+def _entries(vocab, findings, drifts, baseline: Baseline, null, threshold: float, direction: str,
+             reference: torch.Tensor | None = None) -> list[ReportEntry]:
     """Rank the reported words by their re-scored drift (n, R) and attach calibrated scores,
     computed on the calibration seeds (the first baseline.seeds of the R), each against the
-    baseline's level for the word's token count; `null`: the random words' drifts (M, k) and
-    token counts (M,)."""
-    null_drifts, null_lengths = null
+    baseline's level for the word's token count; `null`: the random words' drifts (M, k),
+    token counts (M,) and drifts under the placebo (M, k) or None; `reference`: the reported
+    words' drifts under the placebo (n, k) or None."""
+    null_drifts, null_lengths, null_reference = null
     means = drifts.mean(dim=1)  # (n,)
     order = torch.argsort(means, descending=(direction == "most"))
     entries = []
@@ -259,7 +289,8 @@ def _entries(vocab, findings, drifts, baseline: Baseline, null, threshold: float
         f, m = findings[j], float(means[j])
         tokens = vocab[f.index].tokens
         on_calibration_seeds = drifts[j, : baseline.seeds]  # (k,)
-        z = baseline.z(on_calibration_seeds, tokens)
+        mine = None if reference is None else reference[j]  # (k,) under the placebo
+        z = baseline.z(on_calibration_seeds, tokens, mine)
         flagged = z >= threshold if direction == "most" else z <= -threshold
         entries.append(ReportEntry(
             rank=rank,
@@ -269,7 +300,8 @@ def _entries(vocab, findings, drifts, baseline: Baseline, null, threshold: float
             spread=spread(drifts[j]),
             per_seed=[float(v) for v in drifts[j]],
             calibrated=z,
-            percentile=baseline.percentile(null_drifts, on_calibration_seeds, null_lengths, tokens),
+            percentile=baseline.percentile(null_drifts, on_calibration_seeds, null_lengths, tokens, null_reference, mine),
+            placebo_drift=None if mine is None else float(mine.mean()),
             significant=bool(flagged),
             direction=direction,
             search_drift=f.search_drift,

@@ -53,6 +53,15 @@ class _SideState:
         self.uncond = side.empty_prompt()  # 1 prompt
         self.cache: dict[tuple[int, int], Conditioning] = {}  # (template, word) -> 1 prompt
 
+    @classmethod
+    def reading(cls, side: ModelSide, other: "_SideState") -> "_SideState":
+        """The state of a side with `other`'s text encoder (the placebo: the base's text, another
+        denoiser): its builders, empty prompt and cache, so nothing is encoded twice."""
+        st = cls.__new__(cls)
+        st.__dict__.update(other.__dict__)
+        st.side = side
+        return st
+
     def prompt(self, t_idx: int, slots: dict[str, object] | None = None, word: int | None = None) -> Prompt:
         """Template `t_idx` for every text encoder, its slot filled with the word's token ids
         (`word`) or with rows per encoder (`slots`, the soft prompt)."""
@@ -115,6 +124,7 @@ class DriftMeter:
         schedule: Schedule,
         sampling: SamplingSettings,
         runtime: Runtime,
+        placebo: ModelSide | None = None,
     ):
         self.vocab, self.templates, self.sampling, self.runtime = vocab, templates, sampling, runtime
         self.schedule = schedule
@@ -122,6 +132,11 @@ class DriftMeter:
         self.initial_scale = schedule.initial_scale
         self.sides = {s.name: _SideState(s, vocab, templates) for s in (base, adapted)}
         self.base, self.adapted = self.sides[base.name], self.sides[adapted.name]
+        self.placebo = None  # calibration.py's placebo reference: the base's text, a randomly changed denoiser
+        if placebo is not None:
+            if placebo.text is not base.text:
+                raise ValueError("the placebo side must read the base side's text encoder")
+            self.placebo = self.sides[placebo.name] = _SideState.reading(placebo, self.base)
 
     def variant(self, **changes) -> "DriftMeter":
         """The same meter (same models, caches and counters) with other sampling settings,
@@ -170,33 +185,46 @@ class DriftMeter:
         """One text encoder for both sides (e.g. a UNet-only LoRA): words are encoded once."""
         return self.base.side.text is self.adapted.side.text
 
-    def planned_evaluations(self, indices: list[int], n_seeds: int) -> int:
-        """Model evaluations (both sides, forward) that score(indices, n_seeds seeds) will run:
-        the prompts not cached yet on each side that encodes, and every latent's kept steps."""
-        encoding = (self.base,) if self.shared_text else (self.base, self.adapted)
+    def _others(self, against: tuple[str, ...]) -> list[_SideState]:
+        return [self.sides[name] for name in against]
+
+    def planned_evaluations(self, indices: list[int], n_seeds: int, against: tuple[str, ...] = ("adapted",)) -> int:
+        """Model evaluations (forward, every side involved) that score_against(indices, n_seeds
+        seeds, against) will run: the prompts not cached yet on each text encoder, and every
+        latent's kept steps on the base and on each side in `against`."""
+        sides = [self.base, *self._others(against)]
+        encoding = list({id(st.side.text): st for st in sides}.values())  # one state per text encoder
         prompts = sum((t, i) not in st.cache for st in encoding for t in range(len(self.templates)) for i in indices)
         per_latent = (len(self.sigmas) - 1) * (1 if self.sampling.cfg == 1.0 else 2)
-        return prompts + 2 * len(indices) * n_seeds * len(self.templates) * per_latent
+        return prompts + len(sides) * len(indices) * n_seeds * len(self.templates) * per_latent
 
     @torch.no_grad()
     def score(self, indices: list[int], seeds: list[int], progress: Progress | None = None) -> torch.Tensor:
         """Drift (n, N) of candidates `indices` on the noise of `seeds`, averaged over templates.
         `progress(done, total, note)` counts model evaluations; it is called once at the start
         and after every model call, and may raise to cancel."""
+        return self.score_against(indices, seeds, ("adapted",), progress)[0]
+
+    @torch.no_grad()
+    def score_against(self, indices: list[int], seeds: list[int], against: tuple[str, ...],
+                      progress: Progress | None = None) -> torch.Tensor:
+        """Drift (S, n, N) from the base to each side named in `against` (e.g. ("adapted",
+        "placebo")), the base's trajectories computed once for all of them; as score()."""
         n_seeds = len(seeds)
         noise = make_noise(seeds, self.sampling.latent_shape)  # (N, C, h, w)
         per_group = max(1, self.sampling.group_size // n_seeds)
         groups = [bucket[i : i + per_group] for bucket in self._same_length(indices)
                   for i in range(0, len(bucket), per_group)]  # positions into `indices`
-        pulse = _Pulse(progress, (self.base.side, self.adapted.side), self.planned_evaluations(indices, n_seeds),
-                       len(indices), len(self.templates))
+        others = self._others(against)
+        pulse = _Pulse(progress, tuple(st.side for st in (self.base, *others)),
+                       self.planned_evaluations(indices, n_seeds, against), len(indices), len(self.templates))
         pulse.beat("starting on", 0)
-        out = torch.zeros(len(indices), n_seeds)
+        out = torch.zeros(len(others), len(indices), n_seeds)
         for t_idx, _ in enumerate(self.templates):
             done = 0
             for group in groups:
                 words = [indices[p] for p in group]
-                out[group] += self._score_group(t_idx, words, noise, pulse, done).cpu()
+                out[:, group] += self._score_group(t_idx, words, noise, pulse, done, others).cpu()
                 done += len(group)
         return out / len(self.templates)
 
@@ -213,25 +241,29 @@ class DriftMeter:
             buckets.setdefault(tuple(len(self.vocab[i].ids(n)) for n in unpadded), []).append(p)
         return list(buckets.values())
 
-    def _score_group(self, t_idx: int, group: list[int], noise: torch.Tensor, pulse: _Pulse, row: int) -> torch.Tensor:
-        """Drift (n, N) of one group of words; `row` words of this template came before it."""
+    def _score_group(self, t_idx: int, group: list[int], noise: torch.Tensor, pulse: _Pulse, row: int,
+                     others: list[_SideState]) -> torch.Tensor:
+        """Drift (S, n, N) of one group of words from the base to each of `others`; `row` words
+        of this template came before it."""
         n, n_seeds = len(group), noise.shape[0]
         noise_rep = noise.repeat(n, 1, 1, 1)  # (n*N, C, h, w): word-major, seed-minor
 
         def encoded(k: int) -> None:  # k prompts of the group encoded
             pulse.beat("encoding", row + k, t_idx)
 
-        trajectories = []
-        for st in (self.base, self.adapted):
-            if not (self.shared_text and st is self.adapted):  # one text encoder: encode once for both
-                cond = self._word_prompts(st, t_idx, group, encoded).repeat_interleave(n_seeds)  # n*N prompts
+        trajectories, conds = [], {}
+        for st in (self.base, *others):
+            key = id(st.side.text)
+            if key not in conds:  # one text encoder shared by sides (a UNet-only LoRA, the placebo): encode once
+                conds[key] = self._word_prompts(st, t_idx, group, encoded).repeat_interleave(n_seeds)  # n*N prompts
 
             def measured(k: int, name: str = st.side.name) -> None:  # k latents of the group denoised
                 pulse.beat(f"{name} model on", row + k // n_seeds, t_idx)
 
-            trajectories.append(self._trajectories(st, noise_rep, cond, measured))
-        d = drift_per_sample(trajectories[0], trajectories[1], self.sampling.objective)  # (n*N,)
-        return d.view(n, n_seeds)  # (n, N)
+            trajectories.append(self._trajectories(st, noise_rep, conds[key], measured))
+        base, *rest = trajectories
+        d = torch.stack([drift_per_sample(base, t, self.sampling.objective) for t in rest])  # (S, n*N)
+        return d.view(len(rest), n, n_seeds)  # (S, n, N)
 
     # -- soft-prompt gradient ------------------------------------------------------------------
     def soft_backward(self, one_hot: torch.Tensor, seeds: list[int], sign: float, beat: Callable[[], None] | None = None) -> torch.Tensor:

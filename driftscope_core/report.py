@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 from .text import visible
 
-REPORT_VERSION = 2  # 2: calibrated scores on log drift, baseline log_scale
-CSV_COLUMNS = ("rank", "token", "token_ids", "drift", "spread", "calibrated", "percentile", "significant", "direction", "search_drift")
+REPORT_VERSION = 3  # 2: calibrated scores on log drift, baseline log_scale; 3: the placebo reference, placebo_drift
+CSV_COLUMNS = ("rank", "token", "token_ids", "drift", "spread", "calibrated", "percentile", "significant", "direction", "search_drift", "placebo_drift")
 # OWASP's CSV-injection rule (and ASVS 1.2.10): a spreadsheet runs a cell that starts with one
 # of these as a formula, so such a text cell gets a leading single quote and shows as text.
 FORMULA_STARTS = ("=", "+", "-", "@")
@@ -45,6 +45,7 @@ class ReportEntry:
     direction: str  # "most" or "least"
     search_drift: float  # what the search measured (its own seeds)
     encoder_token_ids: dict[str, list[int]] = field(default_factory=dict)  # ids in encoders with their own tokenizer (Flux's T5)
+    placebo_drift: float | None = None  # mean drift under the placebo on the calibration seeds (None: no placebo)
 
 
 @dataclass
@@ -100,5 +101,9 @@ class DriftReport:
             flag = "*" if e.significant else ""
             lines.append(f"{e.rank:>3}  {visible(e.token)[:20]:<20} {e.drift:>10.4g} {e.spread:>9.2g} {e.calibrated:>7.1f}  {flag}")
         b = self.baseline
-        lines.append(f"baseline: {b['size']} random words, median {b['median']:.4g}, robust sd of log drift {b['log_scale']:.2g}; * = z >= {b['z_threshold']:.2f}")
+        if b.get("reference") == "placebo":
+            lines.append(f"baseline: {b['size']} random words, scored against a placebo (beta {b['placebo_slope']:.2f}), "
+                         f"robust sd of the score {b['log_scale']:.2g}; * = z >= {b['z_threshold']:.2f}")
+        else:
+            lines.append(f"baseline: {b['size']} random words, median {b['median']:.4g}, robust sd of log drift {b['log_scale']:.2g}; * = z >= {b['z_threshold']:.2f}")
         return "\n".join(lines)

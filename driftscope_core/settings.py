@@ -45,6 +45,11 @@ class AuditSettings:
     calibration_size: int = 64  # random words measured for the baseline
     calibration_seeds: int = 1  # the first re-scoring seeds, for the random words and the scores (<= rescore_seeds)
     false_alarms: float = 0.05  # expected ordinary words flagged per audit; sets the z threshold (calibration.py)
+    # calibration.py's placebo reference: each calibrated score is adjusted by the word's drift
+    # under a random change of the base of this relative size (the host makes it; 0: none, the
+    # method's plain calibration). Image world, diffuse nulls at the node's defaults: "couch"
+    # and "sunflower" flagged without it (z 4.29 > 3.26); benchmarks/README "Placebo reference"
+    placebo: float = 0.0
 
     def validate(self) -> "AuditSettings":
         problems = []
@@ -66,6 +71,8 @@ class AuditSettings:
                             "calibration uses the first re-scoring seeds")
         if not 0.0 < self.false_alarms < 1.0:
             problems.append(f"false_alarms ({self.false_alarms}) must be between 0 and 1 (e.g. 0.05)")
+        if not 0.0 <= self.placebo < 1.0:
+            problems.append(f"placebo ({self.placebo}) must be at least 0 and below 1 (0.01: a 1% random change; 0: none)")
         if self.shortlist < 0:
             problems.append(f"shortlist ({self.shortlist}) cannot be negative (0 skips the proxy's second round)")
         counts = ("top_k", "noise_batch", "rescore_seeds", "calibration_seeds", "screen_seeds")
@@ -87,11 +94,11 @@ class AuditSettings:
 
 PRESETS: dict[str, dict] = {
     # Minutes on a CPU with tiny models; a first look on a GPU.
-    "quick": dict(schedule_steps=20, kept_steps=3, noise_batch=2, opt_steps=30, patience=8, rescore_seeds=4, calibration_size=32),
+    "quick": dict(schedule_steps=20, kept_steps=3, noise_batch=2, opt_steps=30, patience=8, rescore_seeds=4, calibration_size=32, placebo=0.01),
     # The default for real audits on a GPU.
-    "standard": dict(schedule_steps=50, kept_steps=4, noise_batch=4, opt_steps=60, patience=15, rescore_seeds=8, calibration_size=64),
+    "standard": dict(schedule_steps=50, kept_steps=4, noise_batch=4, opt_steps=60, patience=15, rescore_seeds=8, calibration_size=64, placebo=0.01),
     # The reference numbers of the paper (method.md steps 3 and 6).
-    "paper": dict(mode="paper", schedule_steps=50, kept_steps=4, cfg=7.5, noise_batch=4, opt_steps=100, lr=0.1, patience=20, rescore_seeds=8, calibration_size=64),
+    "paper": dict(mode="paper", schedule_steps=50, kept_steps=4, cfg=7.5, noise_batch=4, opt_steps=100, lr=0.1, patience=20, rescore_seeds=8, calibration_size=64, placebo=0.01),
 }
 
 

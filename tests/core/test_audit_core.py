@@ -9,19 +9,20 @@ from driftscope_core.models import Runtime
 from driftscope_core.prompts import tokenize_template
 from driftscope_core.sampling import Schedule
 from driftscope_core.settings import AuditSettings
-from toy_models import LAYOUT, toy_pair, toy_tokenize, toy_vocab
+from toy_models import LAYOUT, toy_pair, toy_placebo, toy_tokenize, toy_vocab
 
 PLANTED = ("w007", "w023", "w041")
 SCHEDULE = Schedule(sigmas=torch.linspace(10.0, 0.0, 11), initial_scale=10.0)
 
 
-def audit(mode="scan", planted=PLANTED, **kw):
+def audit(mode="scan", planted=PLANTED, placebo=0.0, **kw):
     base, adapted = toy_pair(planted)
-    settings = AuditSettings(mode=mode, width=32, height=32, schedule_steps=10, kept_steps=2, noise_batch=2,
+    settings = AuditSettings(placebo=placebo, mode=mode, width=32, height=32, schedule_steps=10, kept_steps=2, noise_batch=2,
                              rescore_seeds=3, calibration_size=30, calibration_seeds=kw.pop("calibration_seeds", 2),
                              screen_seeds=kw.pop("screen_seeds", 2), top_k=kw.pop("top_k", 5), **kw)
     tpl = [tokenize_template("a photo of a {}", toy_tokenize, LAYOUT)]
-    return run_audit(base, adapted, toy_vocab(), tpl, SCHEDULE, settings, Runtime())
+    return run_audit(base, adapted, toy_vocab(), tpl, SCHEDULE, settings, Runtime(),
+                     placebo=toy_placebo(base, placebo) if placebo else None)
 
 
 @pytest.mark.parametrize("mode", ["scan", "screen"])
@@ -112,3 +113,38 @@ def test_core_imports_no_host_module():
     importlib.import_module("driftscope_core.grid")
     new = set(sys.modules) - before
     assert not [m for m in new if m.split(".")[0] in {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution"}]
+
+
+@pytest.mark.parametrize("mode", ["scan", "screen"])
+def test_the_placebo_reference_keeps_planted_words_flagged_at_its_planned_cost(mode):
+    """With a placebo the calibrated score is the drift over the drift under the placebo: the
+    planted words stay on top and flagged, each reported word carries its placebo drift, and
+    the placebo costs what planned_cost said: the 30 random and 5 reported words on the 2
+    calibration seeds, on the base, the adapted and the placebo, text encoded once."""
+    from driftscope_core.audit import planned_cost
+    report = audit(mode=mode, placebo=0.01, finalists=12)
+    assert {e.token for e in report.entries[:3]} == set(PLANTED)
+    assert all(e.significant for e in report.entries[:3])
+    assert all(e.placebo_drift > 0 for e in report.entries)
+    assert report.baseline["reference"] == "placebo"
+    calibrate = report.evaluations_by_stage["calibrate"]
+    per_side = (30 + 5) * 2 * 4  # words x seeds x (2 kept steps, guided)
+    assert {side: c["unet_forward"] for side, c in calibrate.items()} == {"base": per_side, "adapted": per_side,
+                                                                           "placebo": per_side}
+    assert report.evaluations["placebo"]["text_forward"] == 0
+    settings = AuditSettings(**report.settings)
+    planned = planned_cost(settings, 60, 1, shared_text=True)
+    for side in ("base", "adapted", "placebo"):
+        assert planned.of(side, "unet_forward") == report.evaluations[side]["unet_forward"]
+    # ranking is the drift's alone: the placebo changes the scores, not the order
+    assert [e.token for e in report.entries] == [e.token for e in audit(mode=mode, finalists=12).entries]
+
+
+def test_the_placebo_is_given_exactly_when_the_settings_ask_for_one():
+    base, adapted = toy_pair(PLANTED)
+    tpl = [tokenize_template("a photo of a {}", toy_tokenize, LAYOUT)]
+    for placebo, side in ((0.01, None), (0.0, toy_placebo(base))):
+        settings = AuditSettings(width=32, height=32, schedule_steps=10, kept_steps=2, placebo=placebo)
+        with pytest.raises(ValueError, match="placebo"):
+            run_audit(base, adapted, toy_vocab(), tpl, SCHEDULE, settings, Runtime(), placebo=side)
+

@@ -76,3 +76,35 @@ def test_the_baseline_level_follows_the_token_count_where_random_words_span_coun
     assert Baseline.from_drifts(drifts).z(one_token_word) > base.z(one_token_word, 1) + 1.0
     single = Baseline.from_drifts(drifts[:30], torch.ones(30, dtype=torch.long))
     assert single.length_slope == 0.0
+
+
+def test_a_fragile_word_is_not_flagged_against_the_placebo_and_a_targeted_one_is():
+    """Random words whose drift under the adaptation follows their drift under the placebo (a
+    diffuse null: each word moves as much as it moves under any change): beta comes out near 1,
+    a word that moves 100x the median under both (the null's "couch") is flagged on raw drift
+    but not against the placebo, and a word the adaptation moved 100x while the placebo moved it
+    as any other word stays flagged."""
+    g = torch.Generator().manual_seed(4)
+    common = lognormal(200, sigma=1.0, seed=5)  # (200, 1) how much each random word moves under any change
+    adapted = common * torch.exp(0.2 * torch.randn(200, 1, generator=g, dtype=torch.float64))
+    placebo = common * torch.exp(0.2 * torch.randn(200, 1, generator=g, dtype=torch.float64))
+    raw, against = Baseline.from_drifts(adapted), Baseline.from_drifts(adapted, reference=placebo)
+    assert against.reference == "placebo" and raw.reference == "none"
+    assert 0.85 < against.placebo_slope <= 1.0
+    thr = z_threshold(0.05, 200)
+    fragile = one(100 * raw.median)
+    assert raw.z(fragile) >= thr
+    assert abs(against.z(fragile, reference=fragile)) < 1.0
+    assert against.z(fragile, reference=one(raw.median)) >= thr
+    with pytest.raises(ValueError):
+        against.z(fragile)  # a placebo baseline needs the word's placebo drift too
+
+
+def test_a_placebo_that_says_nothing_about_the_adaptation_changes_little():
+    """Placebo drifts independent of the adaptation's (mostly chance, as in a tiny model): beta
+    near 0, and a targeted word scores about what it scores without the placebo."""
+    adapted, placebo = lognormal(200, seed=6), lognormal(200, seed=7)
+    raw, against = Baseline.from_drifts(adapted), Baseline.from_drifts(adapted, reference=placebo)
+    assert against.placebo_slope < 0.25
+    word = one(float(torch.exp(torch.tensor(2.0))) * raw.median)
+    assert against.z(word, reference=one(3 * raw.median)) == pytest.approx(raw.z(word), abs=0.8)

@@ -110,3 +110,15 @@ def toy_pair(planted=("w007", "w023", "w041"), n_words=60, template="a photo of 
     base = ToyDenoiser()
     adapted = base.planted(text, list(planted), WORDS[:n_words], template) if planted else base
     return (ModelSide("base", text, base), ModelSide("adapted", text, adapted))
+
+
+def toy_placebo(base: ModelSide, relative: float = 0.01) -> ModelSide:
+    """The placebo side of calibration.py on the toy pair: the base's text, its keys sharpened by
+    `relative` (every word's attention map moves by how fragile it is). Not random noise as the
+    host's placebo: in one 8-wide layer a random 1% change moves some words a hundred times more
+    than others by chance, where a real model's many layers average that out."""
+    den = ToyDenoiser.__new__(ToyDenoiser)
+    den.__dict__.update(base.denoiser.__dict__)
+    den.calls = 0
+    den.wk = base.denoiser.wk * (1.0 + relative)
+    return ModelSide("placebo", base.text, den)
