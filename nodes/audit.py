@@ -50,8 +50,10 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
     progress({"stage": "plan", "note": plan})
     with torch.inference_mode(False), torch.enable_grad():
         progress({"stage": "prepare", "note": "preparing the text encoders"})
-        base, adapted = host.model_sides(family, base_model, base_clip, adapted_model, adapted_clip, runtime,
-                                         need_grad=audit_settings.mode == "paper", guidance=audit_settings.guidance)
+        base, adapted, *placebo = host.model_sides(
+            family, base_model, base_clip, adapted_model, adapted_clip, runtime, need_grad=audit_settings.mode == "paper",
+            guidance=audit_settings.guidance, placebo=audit_settings.placebo,
+            placebo_seed=audit_settings.derived_seeds("placebo", 1)[0])
         try:
             tpls = family_templates(template_texts, base_clip, family, base.text, vocab)
             schedule = host.schedule_of(base_model, scheduler, audit_settings.schedule_steps)
@@ -61,9 +63,10 @@ def audit_models(base_model, base_clip, adapted_model, adapted_clip, *, vocabula
                 models={"family": family.name, "base": host.identity(base_model, base_clip, family),
                         "adapted": host.identity(adapted_model, adapted_clip, family)},
                 callback=progress,
+                placebo=placebo[0] if placebo else None,
             )
         finally:  # finished, failed or cancelled
-            host.release(base, adapted)
+            host.release(base, adapted, *placebo)
 
 
 def _family_steps(family, settings: AuditSettings, chosen: bool) -> AuditSettings:
@@ -172,7 +175,7 @@ class DriftScopeAudit(io.ComfyNode):
             description="Finds the words whose visual concept an adaptation (LoRA, fine-tune, concept "
                         "erasure) changed most: compares the base and adapted models' attention to each word "
                         "(cross-attention in UNets, joint attention in the DiTs) on the same noise, re-scores the top words on shared seeds and calibrates "
-                        "them against random words. Supports SD1.x, SD2.x, SDXL (with Pony, Illustrious, NoobAI), "
+                        "them against random words, each adjusted for how much a random placebo change moves it. Supports SD1.x, SD2.x, SDXL (with Pony, Illustrious, NoobAI), "
                         "Flux.1 dev/schnell, Chroma, Qwen-Image, Z-Image and SD3/SD3.5 models; other families get an error that names them. The input models are not modified.",
             inputs=[
                 io.Model.Input("base_model", tooltip="The model before adaptation (e.g. from Load Checkpoint)."),

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+import comfy.lora
 import comfy.model_management
 import comfy.samplers
 from comfy.ldm.modules.attention import optimized_attention
@@ -503,9 +504,11 @@ def identity(model, clip, family: FamilyAdapter) -> dict:
 
 
 def model_sides(family: FamilyAdapter, base_model, base_clip, adapted_model, adapted_clip, runtime: Runtime,
-                need_grad: bool, guidance: float | None = None) -> list[ModelSide]:
-    """Both sides for the core; models are cloned (gradient-ready where paper mode needs it: the
-    adapted side's UNet and text encoders), never modified."""
+                need_grad: bool, guidance: float | None = None, placebo: float = 0.0,
+                placebo_seed: int = 0) -> list[ModelSide]:
+    """The sides for the core, base and adapted (and the placebo when `placebo` > 0: the base's
+    text with placebo_model's denoiser); models are cloned (gradient-ready where paper mode needs
+    it: the adapted side's UNet and text encoders), never modified."""
     base_text = ComfyText(base_clip, family, "base_clip")
     if same_text_encoder(base_clip, adapted_clip):  # e.g. a LoRA without text-encoder keys: one text side
         adapted_text = base_text
@@ -515,4 +518,40 @@ def model_sides(family: FamilyAdapter, base_model, base_clip, adapted_model, ada
         adapted_text.grad_clip = grad_ready_clip(adapted_clip)
     base = ModelSide("base", base_text, denoiser_for(base_model.clone(), family, guidance))
     adapted_patcher = grad_ready_clone(adapted_model) if need_grad else adapted_model.clone()
-    return [base, ModelSide("adapted", adapted_text, denoiser_for(adapted_patcher, family, guidance))]
+    sides = [base, ModelSide("adapted", adapted_text, denoiser_for(adapted_patcher, family, guidance))]
+    if placebo > 0:
+        sides.append(ModelSide("placebo", base_text, denoiser_for(placebo_model(base_model, placebo, placebo_seed),
+                                                                  family, guidance)))
+    return sides
+
+
+PLACEBO_RANK = 16  # image world: rank 4 left some words barely touched by chance (2 false flags), 16 none
+
+
+def placebo_model(model, relative: float, seed: int):
+    """The placebo of calibration.py: a clone of `model` with a seeded random low-rank patch
+    (rank PLACEBO_RANK) on every linear and convolution weight of its diffusion model, each of
+    RMS about `relative` times the weight's own, put in as a LoRA through ComfyUI's own LoRA
+    code (comfy.lora.load_lora, as LoraLoaderModelOnly does), so it runs wherever a LoRA runs
+    and holds r x (in + out) numbers per weight, not a copy of the model. The input is unchanged."""
+    comfy.model_management.load_models_gpu([model])  # its weights as the model computes them, whatever ran before
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, w in sorted(model.model.diffusion_model.named_parameters()):
+        if not name.endswith(".weight") or w.ndim not in (2, 4):
+            continue
+        rms = float(w.detach().float().pow(2).mean().sqrt())
+        if rms == 0.0:
+            continue
+        out_features, r = w.shape[0], PLACEBO_RANK
+        # up (out, r) @ down (r, in...) has entries of variance r * s^4: RMS relative * rms at s below
+        s = (relative * rms / r**0.5) ** 0.5
+        key = f"diffusion_model.{name[: -len('.weight')]}"
+        lora[f"{key}.lora_up.weight"] = torch.randn(out_features, r, *[1] * (w.ndim - 2), generator=g) * s  # (out, r[, 1, 1])
+        lora[f"{key}.lora_down.weight"] = torch.randn(r, *w.shape[1:], generator=g) * s  # (r, in[, kh, kw])
+    patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    out = model.clone()
+    added = out.add_patches(patches, 1.0)
+    if len(added) != len(lora) // 2:
+        raise RuntimeError(f"ComfyUI took {len(added)} of the placebo's {len(lora) // 2} patches")
+    return out

@@ -249,7 +249,8 @@ def test_the_whole_clip_vocabulary_fits_screen_mode_and_the_plan_is_shown(pack, 
                      f"{planned.of('base', 'unet_forward'):,} UNet evaluations)"]
     running = [e for _, e in spy.events if e["stage"] in ("search", "rescore", "calibrate")]
     assert all(e["planned"] == planned.total for e in running)
-    assert running[-1]["evaluations"] == sum(report.evaluations[s][k] for s in ("base", "adapted")
+    assert set(report.evaluations) == {"base", "adapted", "placebo"}  # the presets' placebo reference
+    assert running[-1]["evaluations"] == sum(report.evaluations[s][k] for s in report.evaluations
                                              for k in ("text_forward", "unet_forward"))
 
 
