@@ -62,8 +62,10 @@ def test_the_null_flags_nothing_and_files_are_written(smoke):
     as_a_user_runs_it = null["node_defaults_audit"]  # the node's own mode, budget and top 10
     assert as_a_user_runs_it["settings"]["mode"] == "screen" and as_a_user_runs_it["settings"]["top_k"] == 10
     assert as_a_user_runs_it["calibration_words"] == results["world"]["concepts"] - 10  # the other concepts
-    # Not asserted: that it flags nothing. It does not (benchmarks/README, image world: the
-    # taught world has words the null moves more than the rest, "beaver" here, "couch" in full).
-    assert results["summary"]["null_at_node_defaults"] == {null["name"]: as_a_user_runs_it["significant"]}
+    # the taught world has words any change moves more than the rest ("beaver" here, "couch" in
+    # the full world); calibrated against random words alone they were flagged, against the
+    # presets' placebo they are not (benchmarks/README, image world)
+    assert as_a_user_runs_it["significant"] == [], as_a_user_runs_it
+    assert results["summary"]["null_at_node_defaults"] == {null["name"]: []}
     assert (out / "results.json").exists() and "Spearman" in (out / "results.md").read_text()
     assert results["seconds"]["total"] > 0
