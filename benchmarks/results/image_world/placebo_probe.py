@@ -33,10 +33,9 @@ def robust_z(x: torch.Tensor) -> torch.Tensor:
     return (x - m) / (1.4826 * (x - m).abs().median())
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=HERE / "placebo_probe.json")
-    a = ap.parse_args()
+def compare(make_placebos, out_path: Path) -> int:
+    """Score the probe's five adaptations raw and as ratios to each placebo that
+    `make_placebos(world, drifts)` returns ({name: (91,) drifts}); write and print the table."""
     env = environment.load(threads=1)
     v = iw.VARIANTS["full"]
     world = iw.taught_base(env, v, iw.concept_words(env, v.concepts), True, print)
@@ -45,9 +44,7 @@ def main() -> int:
     def drifts(model) -> torch.Tensor:  # (91,) attention drift, 4 kept steps, the variant's audit
         return torch.tensor(iw.audit(env, world, model, "attention", 4, v)["drift"], dtype=torch.float64)
 
-    placebos = {"all tensors": drifts(case_lib.diffuse_patches(world.model, 0.01, 1)[0]),
-                "attn2 K/V only": drifts(case_lib.diffuse_patches(
-                    world.model, 0.01, 1, only=lambda n: n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")))[0])}
+    placebos = make_placebos(world, drifts)
     others = [w for w in words if w != "house"]
     adaptations = {
         "null-1% (the benchmark's, seed 7919)": case_lib.diffuse_patches(world.model, 0.01, v.model_seed + 7919)[0],
@@ -68,13 +65,26 @@ def main() -> int:
                       "flagged": [words[i] for i in order.tolist() if z[i] > THRESHOLD]}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
-    a.out.write_text(json.dumps(out, indent=1))
+    out_path.write_text(json.dumps(out, indent=1))
     print("| adaptation | " + " | ".join(k for k in out["rows"][0] if k != "adaptation") + " |")
     for row in out["rows"]:
         print(f"| {row['adaptation']} | " + " | ".join(
             f"{', '.join(r['flagged']) or 'none'} (top {r['top'][0][0]} {r['top'][0][1]})"
             for k, r in row.items() if k != "adaptation") + " |")
     return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=HERE / "placebo_probe.json")
+    a = ap.parse_args()
+
+    def placebos(world, drifts) -> dict:
+        return {"all tensors": drifts(case_lib.diffuse_patches(world.model, 0.01, 1)[0]),
+                "attn2 K/V only": drifts(case_lib.diffuse_patches(
+                    world.model, 0.01, 1, only=lambda n: n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")))[0])}
+
+    return compare(placebos, a.out)
 
 
 if __name__ == "__main__":
