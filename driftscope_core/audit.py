@@ -89,7 +89,7 @@ def planned_cost(settings: AuditSettings, words: int, templates: int, shared_tex
         search = side(steps, unet, adapted_text=steps, adapted_unet=unet * (2 if gradient_checkpointing else 1))
         rescore = side(k, k * settings.rescore_seeds * full)
         null = min(settings.calibration_size, words)
-        calibrate = side(null, null * settings.calibration_seeds * full)  # words no stage encoded before
+        null_text = null  # words no stage encoded before
     else:
         if settings.mode == "scan":
             search = side(words, words * settings.noise_batch * full)
@@ -104,12 +104,13 @@ def planned_cost(settings: AuditSettings, words: int, templates: int, shared_tex
                           (words + short) * settings.screen_seeds + finalists * settings.rescore_seeds * full)
             rescore = side(0, 0)  # screen measured its finalists on the re-scoring seeds
         null = min(settings.calibration_size, words - k)
-        calibrate = side(again(null), null * settings.calibration_seeds * full)
+        null_text = again(null)
     if settings.placebo > 0:  # the random and the reported words again, from the base to adapted and placebo
-        text = calibrate["base"]["text_forward"] // templates + again(k)  # the reported words were encoded before
         unet = (null + k) * settings.calibration_seeds * full
-        calibrate = side(text, unet)
+        calibrate = side(null_text + again(k), unet)  # the reported words were encoded before
         calibrate["placebo"] = {"text_forward": 0, "unet_forward": unet * templates}  # the base's text, encoded once
+    else:
+        calibrate = side(null_text, null * settings.calibration_seeds * full)
     prepare = {s: {"text_forward": 1, "unet_forward": 0} for s in ("base", "adapted")}  # the empty prompt
     if settings.placebo > 0:
         prepare["placebo"] = {"text_forward": 0, "unet_forward": 0}  # the base's empty prompt

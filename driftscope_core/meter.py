@@ -132,11 +132,10 @@ class DriftMeter:
         self.initial_scale = schedule.initial_scale
         self.sides = {s.name: _SideState(s, vocab, templates) for s in (base, adapted)}
         self.base, self.adapted = self.sides[base.name], self.sides[adapted.name]
-        self.placebo = None  # calibration.py's placebo reference: the base's text, a randomly changed denoiser
-        if placebo is not None:
+        if placebo is not None:  # calibration.py's placebo reference: the base's text, a randomly changed denoiser
             if placebo.text is not base.text:
                 raise ValueError("the placebo side must read the base side's text encoder")
-            self.placebo = self.sides[placebo.name] = _SideState.reading(placebo, self.base)
+            self.sides[placebo.name] = _SideState.reading(placebo, self.base)
 
     def variant(self, **changes) -> "DriftMeter":
         """The same meter (same models, caches and counters) with other sampling settings,
